@@ -1,0 +1,222 @@
+"""Typed configuration tree (model / data / train / eval), loaded from YAML with overrides.
+
+One dataclass per section; `load_config(path, overrides=["train.lr=0.02"])` returns the
+resolved tree, and `config_to_dict` gives the plain dict that is saved with every run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override names an unknown key or a value of the wrong type."""
+
+
+@dataclass
+class ModelConfig:
+    """The PEP network (paper Sec. 3) and its post-processing thresholds."""
+
+    num_classes: int = 5  # C; class ids 1..C, 0 is background
+    backbone: str = "resnet18"  # resnet18 | resnet34 | resnet50 | resnet101
+    pretrained_path: str | None = None  # local torchvision ResNet state_dict; no downloads
+    norm: str = "frozen_bn"  # backbone norm: frozen_bn | bn | gn
+    trainable_layers: int = 5  # backbone stages trained (0..5), as torchvision
+    fpn_channels: int = 256
+    head_channels: int = 256  # width of the perceiving tower
+    tower_convs: int = 4  # 3x3 conv + GN + ReLU blocks in the perceiving tower
+    descriptor_dim: int = 256  # C_D: instance descriptor width
+    mask_channels: int = 256  # C_B: general (mask) feature width
+    mask_stride: int = 4  # stride of the general feature B (4 or 8)
+    # Scale-based FPN level assignment (sqrt(area) in input pixels), one range per level P2..P6.
+    scale_ranges: list[list[float]] = field(
+        default_factory=lambda: [[0, 48], [24, 96], [48, 192], [96, 384], [192, 100000]]
+    )
+    center_radius: float = 0.2  # centre region = box shrunk to this fraction around mass centre
+    cls_loss: str = "ce"  # ce (paper Eq. 1-2) | focal
+    mask_loss: str = "bce"  # bce (paper Eq. 7) | dice
+    excavate: bool = True  # Table 2 switch: object excavating (Sec. 3.3)
+    purify: bool = True  # Table 2 switch: instance purifying (Sec. 3.4); off -> Matrix NMS
+    # Eq. 8 weights: L_P + alpha L_E + beta L_PE + gamma L_graph + delta L_mask
+    alpha: float = 1.0
+    beta: float = 1.0
+    gamma: float = 1.0
+    delta: float = 1.0
+    # Training-time bounds on descriptor counts (keep cost bounded in crowded images).
+    max_train_descriptors: int = 256
+    max_train_mined: int = 128
+    neighbour_expand: float = 0.5  # enlarge the original box by this fraction to find neighbours
+    # Inference.
+    score_threshold: float = 0.1
+    pre_topk: int = 500  # original descriptors kept before excavating / purifying
+    excavate_threshold: float = 0.3
+    excavate_topk: int = 4  # key pixels per original descriptor
+    purify_threshold: float = 0.5
+    mask_threshold: float = 0.5
+    nms_kernel: str = "gaussian"  # Matrix NMS decay: gaussian | linear
+    nms_sigma: float = 2.0
+    max_instances: int = 100
+
+
+@dataclass
+class DataConfig:
+    """Shard preparation and the training-side reader."""
+
+    max_size: int = 512  # longer side after resize in prepare (aspect kept)
+    train_size: list[int] = field(default_factory=lambda: [256])  # scale-jitter: longer sides
+    flip_prob: float = 0.5
+    val_fraction: float = 0.2  # generated data only
+    generated_images: int = 400  # generated data only
+    generated_size: int = 256  # generated data only
+    reader_cpus: float = 0.5  # CPUs per Ray Data decode task
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation recipe (paper Sec. 4.1 for the COCO configs) and Ray Train settings."""
+
+    epochs: int = 12
+    batch_size: int = 4  # per worker
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    optimizer: str = "sgd"  # sgd | adamw
+    milestones: list[int] = field(default_factory=lambda: [9, 11])  # epochs where lr *= lr_gamma
+    lr_gamma: float = 0.1
+    warmup_iters: int = 100
+    grad_clip: float = 10.0
+    amp: bool = True  # mixed precision, only used on GPU
+    seed: int = 0
+    num_workers: int = 1
+    use_gpu: str = "auto"  # auto | true | false
+    max_failures: int = 2
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation and validation during training."""
+
+    every_epochs: int = 1
+    max_dets: int = 100
+    score_thresholds: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.2, 0.3, 0.4, 0.5])
+    batch_size: int = 4
+    num_replicas: int = 1
+
+
+@dataclass
+class Config:
+    """The whole resolved configuration of a run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Check `value` against a dataclass field annotation, converting ints to floats."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError("; ".join(errors))
+    if origin is list:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item,) = typing.get_args(annotation)
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if annotation is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if annotation is bool and not isinstance(value, bool):
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if annotation is int and (not isinstance(value, int) or isinstance(value, bool)):
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if annotation is str and not isinstance(value, str):
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    return value
+
+
+def _build(cls: type, values: dict[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
+    kwargs = {}
+    for name, value in values.items():
+        key = f"{where}.{name}" if where else name
+        if dataclasses.is_dataclass(hints[name]):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+            kwargs[name] = _build(hints[name], value, key)
+        else:
+            kwargs[name] = _coerce(value, hints[name], key)
+    return cls(**kwargs)
+
+
+def _apply_override(tree: dict[str, Any], override: str) -> None:
+    """Apply one `a.b=value` override (value parsed as YAML) to a nested dict."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r}: expected key=value, e.g. train.lr=0.02")
+    key, raw = override.split("=", 1)
+    parts = key.strip().split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {override!r}: {part} is not a section")
+    node[parts[-1]] = yaml.safe_load(raw)
+
+
+def config_from_dict(values: dict[str, Any], overrides: list[str] | None = None) -> Config:
+    """Build a `Config` from a (partial) nested dict plus `key=value` overrides."""
+    tree = json.loads(json.dumps(values or {}))  # deep copy
+    for override in overrides or []:
+        _apply_override(tree, override)
+    return _build(Config, tree, "")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (missing keys take defaults) and apply `key=value` overrides."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML: {e}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+    try:
+        return config_from_dict(values, overrides)
+    except ConfigError as e:
+        raise ConfigError(f"{path or '<defaults>'}: {e}") from None
+
+
+def config_to_dict(config: Config) -> dict[str, Any]:
+    """The plain nested dict of a config (what is saved with runs and checkpoints)."""
+    return dataclasses.asdict(config)
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML that `load_config` reads back unchanged."""
+    Path(path).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))

@@ -1,0 +1,1 @@
+"""Data, distributed training/evaluation and tracking around PEP (Ray Data, Ray Train, MLflow)."""
