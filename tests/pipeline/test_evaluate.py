@@ -1,0 +1,297 @@
+"""COCO scoring: agreement with pycocotools run by hand, raised maxDets, thresholds, RLE results."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from pycocotools import mask as mask_utils
+from pycocotools.cocoeval import COCOeval
+
+from pipeline.evaluate import (
+    METRIC_NAMES,
+    EvaluationError,
+    coco_from_annotations,
+    evaluate_coco,
+    evaluate_thresholds,
+    format_ap_table,
+    format_threshold_table,
+    plot_pr_curve,
+    predictions_to_coco_results,
+    scalar_metrics,
+)
+
+NUCLEI_VAL = Path(__file__).resolve().parents[3] / "shared" / "data" / "nuclei" / "val"
+
+
+def _rle(mask: np.ndarray) -> dict:
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    rle["counts"] = rle["counts"].decode("ascii")
+    return rle
+
+
+def _box_mask(height: int, width: int, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
+    mask = np.zeros((height, width), dtype=bool)
+    mask[y0:y1, x0:x1] = True
+    return mask
+
+
+def _annotation(ann_id, image_id, category_id, mask, iscrowd=0) -> dict:
+    rle = _rle(mask)
+    return {
+        "id": ann_id,
+        "image_id": image_id,
+        "category_id": category_id,
+        "segmentation": rle,
+        "area": float(mask.sum()),
+        "bbox": [float(v) for v in mask_utils.toBbox(rle)],
+        "iscrowd": iscrowd,
+    }
+
+
+@pytest.fixture(scope="module")
+def toy_gt() -> dict:
+    """Three images, category ids with a gap (3, 7), a crowd region, an empty image."""
+    rng = np.random.default_rng(0)
+    images, annotations = [], []
+    for image_id, (h, w) in zip([11, 12, 13], [(120, 160), (200, 100), (64, 64)]):
+        images.append({"id": image_id, "file_name": f"{image_id}.jpg", "height": h, "width": w})
+        if image_id == 13:
+            continue  # an image without annotations
+        for _ in range(6):
+            x0, y0 = int(rng.integers(0, w - 20)), int(rng.integers(0, h - 20))
+            x1 = x0 + int(rng.integers(4, min(60, w - x0)))
+            y1 = y0 + int(rng.integers(4, min(60, h - y0)))
+            category = int(rng.choice([3, 7]))
+            mask = _box_mask(h, w, x0, y0, x1, y1)
+            annotations.append(_annotation(len(annotations) + 1, image_id, category, mask))
+    crowd = _box_mask(120, 160, 100, 80, 150, 115)
+    annotations.append(_annotation(len(annotations) + 1, 11, 3, crowd, iscrowd=1))
+    categories = [{"id": 3, "name": "a"}, {"id": 7, "name": "b"}]
+    return {"images": images, "annotations": annotations, "categories": categories}
+
+
+def _jittered_results(gt: dict, seed: int, drop: float = 0.2, extra: int = 5) -> list[dict]:
+    """GT masks shifted by a few pixels, random scores, some misses and false positives."""
+    rng = np.random.default_rng(seed)
+    sizes = {im["id"]: (im["height"], im["width"]) for im in gt["images"]}
+    results = []
+    for ann in gt["annotations"]:
+        if ann.get("iscrowd") or rng.random() < drop:
+            continue
+        mask = mask_utils.decode(ann["segmentation"]).astype(bool)
+        mask = np.roll(mask, tuple(int(v) for v in rng.integers(-3, 4, size=2)), axis=(0, 1))
+        rle = _rle(mask)
+        results.append(
+            {
+                "image_id": ann["image_id"],
+                "category_id": ann["category_id"],
+                "segmentation": rle,
+                "bbox": [float(v) for v in mask_utils.toBbox(rle)],
+                "score": float(rng.uniform(0.01, 1.0)),
+            }
+        )
+    image_ids = sorted(sizes)
+    categories = [c["id"] for c in gt["categories"]]
+    for _ in range(extra):
+        image_id = int(rng.choice(image_ids))
+        h, w = sizes[image_id]
+        x0, y0 = int(rng.integers(0, w - 10)), int(rng.integers(0, h - 10))
+        rle = _rle(_box_mask(h, w, x0, y0, x0 + 8, y0 + 8))
+        results.append(
+            {
+                "image_id": image_id,
+                "category_id": int(rng.choice(categories)),
+                "segmentation": rle,
+                "bbox": [float(v) for v in mask_utils.toBbox(rle)],
+                "score": float(rng.uniform(0.01, 1.0)),
+            }
+        )
+    return results
+
+
+def _cocoeval_by_hand(gt_dict, results, iou_type, max_dets_list=None, img_ids=None):
+    """pycocotools as its README runs it (segm without the bbox key, as detectron2 does)."""
+    gt = coco_from_annotations(gt_dict)
+    anns = copy.deepcopy(results)
+    if iou_type == "segm":
+        for ann in anns:
+            ann.pop("bbox", None)
+    coco_eval = COCOeval(gt, gt.loadRes(anns), iou_type)
+    if max_dets_list is not None:
+        coco_eval.params.maxDets = max_dets_list
+    if img_ids is not None:
+        coco_eval.params.imgIds = img_ids
+    coco_eval.evaluate()
+    coco_eval.accumulate()
+    coco_eval.summarize()
+    return coco_eval
+
+
+@pytest.fixture(scope="module")
+def nuclei_subset() -> tuple[dict, list[int]]:
+    """The nuclei val ground truth and 5 image ids: 3 crowded (100..140 nuclei), 2 sparse."""
+    path = NUCLEI_VAL / "annotations.json"
+    if not path.exists():
+        pytest.skip(f"{path} not available")
+    gt = json.loads(path.read_text())
+    counts: dict[int, int] = {}
+    for ann in gt["annotations"]:
+        counts[ann["image_id"]] = counts.get(ann["image_id"], 0) + 1
+    ranked = sorted(counts, key=counts.get)
+    crowded = [i for i in ranked if 100 < counts[i] < 140][:3]
+    assert len(crowded) == 3
+    return gt, crowded + ranked[:2]
+
+
+@pytest.mark.parametrize("iou_type", ["segm", "bbox"])
+def test_ap_agrees_with_pycocotools_run_by_hand(toy_gt, iou_type):
+    results = _jittered_results(toy_gt, seed=1)
+    metrics = evaluate_coco(toy_gt, results, iou_types=(iou_type,))
+    stats = _cocoeval_by_hand(toy_gt, results, iou_type).stats
+    ours = [metrics[f"{iou_type}/{name}"] for name in METRIC_NAMES]
+    np.testing.assert_allclose(ours, stats[:6], atol=1e-6)
+    assert 0.05 < metrics[f"{iou_type}/AP"] < 1.0  # a meaningful, non-trivial score
+
+
+def test_raised_max_dets_on_crowded_nuclei(nuclei_subset):
+    gt, img_ids = nuclei_subset
+    results = _jittered_results(gt, seed=2, drop=0.05, extra=0)
+    metrics = evaluate_coco(gt, results, max_dets=400, img_ids=img_ids)
+    for iou_type in ("segm", "bbox"):
+        # At 100: COCOeval's own summarize with maxDets [1, 10, 100, 400].
+        at_100 = _cocoeval_by_hand(gt, results, iou_type, [1, 10, 100, 400], img_ids)
+        ours = [metrics[f"{iou_type}/{name}"] for name in METRIC_NAMES]
+        np.testing.assert_allclose(ours, at_100.stats[:6], atol=1e-6)
+        # At 400: summarize reads maxDets[2] for AP50..APl; AP from the precision array.
+        at_400 = _cocoeval_by_hand(gt, results, iou_type, [1, 10, 400], img_ids)
+        precision = at_400.eval["precision"][:, :, :, 0, -1]
+        expected = [precision[precision > -1].mean(), *at_400.stats[1:6]]
+        ours = [metrics[f"{iou_type}/{name}@400"] for name in METRIC_NAMES]
+        np.testing.assert_allclose(ours, expected, atol=1e-6)
+        # The crowded images need the raised limit: capping at 100 loses recall.
+        assert metrics[f"{iou_type}/AP@400"] > metrics[f"{iou_type}/AP"] + 0.02
+    assert metrics["params"]["segm"]["maxDets"] == [1, 10, 100, 400]
+    assert metrics["params"]["segm"]["num_images"] == len(img_ids)
+    curve = metrics["pr_curve"]
+    assert curve["max_dets"] == 400 and len(curve["recall"]) == len(curve["precision"]) == 101
+    assert curve["precision50"][0] >= curve["precision"][0] > 0
+
+
+def test_empty_results_give_zero_ap(toy_gt):
+    metrics = evaluate_coco(toy_gt, [], max_dets=300)
+    for iou_type in ("segm", "bbox"):
+        assert metrics[f"{iou_type}/AP"] == 0.0
+        assert metrics[f"{iou_type}/AP@300"] == 0.0
+        assert metrics[f"{iou_type}/APl"] == -1.0  # no large object in the GT: undefined
+    assert set(metrics["pr_curve"]["precision"]) == {0.0}
+
+
+def test_evaluate_does_not_mutate_results(toy_gt):
+    results = _jittered_results(toy_gt, seed=3)
+    before = copy.deepcopy(results)
+    evaluate_coco(toy_gt, results)
+    evaluate_thresholds(toy_gt, results, [0.3])
+    assert results == before
+
+
+def test_thresholds_equal_separate_passes(toy_gt, nuclei_subset):
+    nuclei_gt, img_ids = nuclei_subset
+    cases = [
+        (toy_gt, _jittered_results(toy_gt, seed=4), 100, None, [0.05, 0.3, 0.5, 0.9, 1.1]),
+        (nuclei_gt, _jittered_results(nuclei_gt, seed=5), 400, img_ids, [0.05, 0.5, 0.9, 1.1]),
+    ]
+    for gt, results, max_dets, ids, thresholds in cases:
+        per_threshold = evaluate_thresholds(gt, results, thresholds, max_dets, img_ids=ids)
+        assert list(per_threshold) == thresholds
+        for t in thresholds:
+            kept = [r for r in results if r["score"] >= t]
+            separate = evaluate_coco(gt, kept, max_dets=max_dets, img_ids=ids)
+            assert scalar_metrics(per_threshold[t]) == scalar_metrics(separate)
+            assert per_threshold[t]["pr_curve"] == separate["pr_curve"]
+        aps = [per_threshold[t]["segm/AP"] for t in thresholds]
+        assert aps[0] > aps[-2] > aps[-1] == 0.0
+
+
+def test_predictions_to_coco_results_at_original_size():
+    # Model input 100x50 (h x w) for an original image of 200x100: every side doubles.
+    masks = torch.zeros(2, 100, 50, dtype=torch.bool)
+    masks[0, 10:30, 5:25] = True
+    masks[1, 60:90, 20:45] = True
+    prediction = {
+        "labels": torch.tensor([1, 2]),
+        "scores": torch.tensor([0.9, 0.4]),
+        "masks": masks,
+        "boxes": torch.tensor([[5.0, 10.0, 25.0, 30.0], [20.0, 60.0, 45.0, 90.0]]),
+    }
+    empty = {
+        "labels": torch.zeros(0, dtype=torch.int64),
+        "scores": torch.zeros(0),
+        "masks": torch.zeros(0, 64, 64, dtype=torch.bool),
+        "boxes": torch.zeros(0, 4),
+    }
+    results = predictions_to_coco_results(
+        [prediction, empty], [42, 43], [(200, 100), (64, 64)], {1: 3, 2: 7}
+    )
+    assert len(results) == 2  # one per instance, none for the empty image
+    assert [r["category_id"] for r in results] == [3, 7]
+    assert [r["image_id"] for r in results] == [42, 42]
+    assert results[0]["score"] == pytest.approx(0.9)
+    assert results[0]["bbox"] == pytest.approx([10.0, 20.0, 40.0, 40.0])
+    for result, source in zip(results, masks):
+        assert isinstance(result["segmentation"]["counts"], str)
+        decoded = mask_utils.decode(result["segmentation"])
+        assert decoded.shape == (200, 100)
+        expected = source.repeat_interleave(2, 0).repeat_interleave(2, 1).numpy()
+        assert (decoded.astype(bool) == expected).mean() > 0.99
+    json.dumps(results)  # JSON-ready
+
+
+def test_predictions_to_coco_results_rejects_unknown_label():
+    prediction = {
+        "labels": np.array([4]),
+        "scores": np.array([0.5]),
+        "masks": np.ones((1, 8, 8), dtype=bool),
+        "boxes": np.array([[0.0, 0.0, 8.0, 8.0]]),
+    }
+    with pytest.raises(EvaluationError, match="image 5: predicted labels \\[4\\]"):
+        predictions_to_coco_results([prediction], [5], [(8, 8)], {1: 1})
+
+
+def test_bad_inputs_name_the_record(toy_gt, tmp_path):
+    results = _jittered_results(toy_gt, seed=6)
+    results[2] = dict(results[2], image_id=999)
+    with pytest.raises(EvaluationError, match="result 2: image_id 999"):
+        evaluate_coco(toy_gt, results)
+    with pytest.raises(EvaluationError, match="missing.*segmentation"):
+        evaluate_coco(toy_gt, [{"image_id": 11, "category_id": 3, "score": 1.0, "bbox": [0] * 4}])
+    with pytest.raises(EvaluationError, match="max_dets=50"):
+        evaluate_coco(toy_gt, [], max_dets=50)
+    with pytest.raises(EvaluationError, match="nope.json: annotation file not found"):
+        coco_from_annotations(tmp_path / "nope.json")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(EvaluationError, match="bad.json: not a valid JSON"):
+        coco_from_annotations(tmp_path / "bad.json")
+
+
+def test_tables_and_pr_plot(toy_gt, tmp_path):
+    results = _jittered_results(toy_gt, seed=7)
+    metrics = evaluate_coco(toy_gt, results, max_dets=200)
+    table = format_ap_table(metrics)
+    lines = table.splitlines()
+    assert lines[0] == "| | AP | AP50 | AP75 | APs | APm | APl |"
+    assert [line.split("|")[1].strip() for line in lines[2:]] == [
+        "segm",
+        "bbox",
+        "segm @200",
+        "bbox @200",
+    ]
+    assert f"{100 * metrics['segm/AP']:.1f}" in lines[2]
+    per_threshold = evaluate_thresholds(toy_gt, results, [0.1, 0.5], max_dets=200)
+    assert format_threshold_table(per_threshold).splitlines()[2].startswith("| 0.1 |")
+    png = plot_pr_curve(metrics["pr_curve"], tmp_path / "pr.png")
+    assert png.stat().st_size > 1000
