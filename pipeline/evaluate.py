@@ -9,6 +9,10 @@
   predictions made at a low threshold (the per-image matching is computed once).
 - `format_ap_table` / `format_threshold_table`: markdown tables for logs and reports.
 
+Backends: pycocotools' COCOeval, or faster-coco-eval's COCOeval_faster (same matching and
+accumulation in C++, agrees to 1e-6, ~13x faster on the crowded nuclei val set; see
+BENCHMARKS.md). `backend="auto"` uses faster-coco-eval when it is installed.
+
 Metric values follow COCOeval's convention: in [0, 1], and -1 where the ground truth has no
 object in that area range (e.g. APl on data without large objects).
 """
@@ -36,6 +40,7 @@ logger = logging.getLogger(__name__)
 IOU_TYPES = ("segm", "bbox")
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 COCO_MAX_DETS = 100  # COCOeval's standard per-image detection limit
+BACKENDS = ("auto", "pycocotools", "faster_coco_eval")
 # Upper bound on the float buffer used when resizing masks to the original size (elements).
 _RESIZE_CHUNK_ELEMENTS = 32 * 1024 * 1024
 
@@ -82,8 +87,38 @@ def coco_from_annotations(source: str | Path | Mapping[str, Any]) -> COCO:
     return coco
 
 
-def _as_coco(gt: COCO | str | Path | Mapping[str, Any]) -> COCO:
-    return gt if isinstance(gt, COCO) else coco_from_annotations(gt)
+def _resolve_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise EvaluationError(f"backend {backend!r}: expected one of {BACKENDS}")
+    if backend == "auto":
+        try:
+            import faster_coco_eval  # noqa: F401
+        except ImportError:
+            return "pycocotools"
+        return "faster_coco_eval"
+    return backend
+
+
+def _coco_class(backend: str) -> type:
+    if backend == "faster_coco_eval":
+        from faster_coco_eval import COCO as FasterCOCO
+
+        return FasterCOCO
+    return COCO
+
+
+def _gt_for_backend(gt: Any, backend: str) -> Any:
+    """The ground truth as a COCO object of the backend's own class."""
+    coco_class = _coco_class(backend)
+    if isinstance(gt, coco_class):
+        return gt
+    if hasattr(gt, "dataset") and hasattr(gt, "loadRes"):  # the other backend's COCO
+        dataset = copy.deepcopy(gt.dataset)
+    else:
+        dataset = coco_from_annotations(gt).dataset
+    if coco_class is COCO:
+        return coco_from_annotations(dataset)
+    return coco_class(dataset, print_function=logger.debug)
 
 
 # --------------------------------------------------------------------------------------------
@@ -199,7 +234,7 @@ def _max_dets_list(max_dets: int) -> list[int]:
     return [1, 10, COCO_MAX_DETS] + ([max_dets] if max_dets > COCO_MAX_DETS else [])
 
 
-def _load_results(gt: COCO, results: Sequence[Mapping[str, Any]], iou_type: str) -> COCO:
+def _load_results(gt: Any, results: Sequence[Mapping[str, Any]], iou_type: str) -> Any:
     """COCO.loadRes on copies of the results (it mutates them), also for an empty list.
 
     For segm the `bbox` key is dropped, as detectron2 does: otherwise loadRes takes the box
@@ -226,7 +261,7 @@ def _load_results(gt: COCO, results: Sequence[Mapping[str, Any]], iou_type: str)
     if anns:
         with _quiet():
             return gt.loadRes(anns)
-    res = COCO()  # loadRes fails on an empty list: an empty result set with the GT's images
+    res = type(gt)()  # loadRes fails on an empty list: an empty result set with the GT's images
     res.dataset = {
         "images": list(gt.dataset["images"]),
         "categories": copy.deepcopy(gt.dataset["categories"]),
@@ -238,16 +273,23 @@ def _load_results(gt: COCO, results: Sequence[Mapping[str, Any]], iou_type: str)
 
 
 def _run_evaluate(
-    gt: COCO,
+    gt: Any,
     results: Sequence[Mapping[str, Any]],
     iou_type: str,
     max_dets: int,
     img_ids: Sequence[int] | None,
+    backend: str,
 ) -> COCOeval:
     """COCOeval after `evaluate()` (per-image matching), before `accumulate()`."""
     if iou_type not in IOU_TYPES:
         raise EvaluationError(f"iou_type {iou_type!r}: expected one of {IOU_TYPES}")
-    coco_eval = COCOeval(gt, _load_results(gt, results, iou_type), iouType=iou_type)
+    dt = _load_results(gt, results, iou_type)
+    if backend == "faster_coco_eval":
+        from faster_coco_eval import COCOeval_faster
+
+        coco_eval = COCOeval_faster(gt, dt, iou_type, print_function=logger.debug)
+    else:
+        coco_eval = COCOeval(gt, dt, iouType=iou_type)
     coco_eval.params.maxDets = _max_dets_list(max_dets)
     if img_ids is not None:
         coco_eval.params.imgIds = sorted(int(i) for i in img_ids)
@@ -368,6 +410,7 @@ def evaluate_coco(
     max_dets: int = COCO_MAX_DETS,
     iou_types: Sequence[str] = IOU_TYPES,
     img_ids: Sequence[int] | None = None,
+    backend: str = "auto",
 ) -> dict[str, Any]:
     """Score COCO results against the ground truth with COCOeval.
 
@@ -376,12 +419,17 @@ def evaluate_coco(
     [1, 10, 100, max_dets]); plus `pr_curve` (segm precision vs recall at `max_dets`) and
     `params` (the COCOeval params per iou type). `img_ids` restricts the evaluated images
     (default: every image of the ground truth; images without results count as misses).
+    `backend`: "pycocotools", "faster_coco_eval" or "auto" (the latter when installed).
     """
-    coco_gt = _as_coco(gt)
-    evaluated = {t: _run_evaluate(coco_gt, results, t, max_dets, img_ids) for t in iou_types}
+    backend = _resolve_backend(backend)
+    coco_gt = _gt_for_backend(gt, backend)
+    evaluated = {
+        t: _run_evaluate(coco_gt, results, t, max_dets, img_ids, backend) for t in iou_types
+    }
     metrics = _collect(evaluated, max_dets, threshold=None)
     logger.info(
-        "COCO eval of %d results on %d images: %s",
+        "COCO eval (%s) of %d results on %d images: %s",
+        backend,
         len(results),
         len(coco_gt.getImgIds() if img_ids is None else img_ids),
         ", ".join(f"{k}={v:.4f}" for k, v in scalar_metrics(metrics).items() if k.endswith("/AP")),
@@ -396,18 +444,32 @@ def evaluate_thresholds(
     max_dets: int = COCO_MAX_DETS,
     iou_types: Sequence[str] = IOU_TYPES,
     img_ids: Sequence[int] | None = None,
+    backend: str = "auto",
 ) -> dict[float, dict[str, Any]]:
     """`evaluate_coco` of the results with score >= t, for every t, from one set of results.
 
-    The results come from one prediction pass at a low score threshold; the per-image
-    matching runs once and each threshold only re-accumulates, which gives exactly the
-    numbers of separate passes on the filtered results.
+    The results come from one prediction pass at a low score threshold. With pycocotools the
+    per-image matching runs once and each threshold only re-accumulates (exactly the numbers
+    of separate passes on the filtered results); faster-coco-eval, whose per-image records
+    live in C++, runs one fast pass per threshold.
     """
-    coco_gt = _as_coco(gt)
-    evaluated = {t: _run_evaluate(coco_gt, results, t, max_dets, img_ids) for t in iou_types}
+    backend = _resolve_backend(backend)
+    coco_gt = _gt_for_backend(gt, backend)
+    ordered = sorted(float(t) for t in thresholds)
     per_threshold = {}
-    for threshold in sorted(float(t) for t in thresholds):
-        per_threshold[threshold] = _collect(evaluated, max_dets, threshold=threshold)
+    if backend == "pycocotools":
+        evaluated = {
+            t: _run_evaluate(coco_gt, results, t, max_dets, img_ids, backend) for t in iou_types
+        }
+        for threshold in ordered:
+            per_threshold[threshold] = _collect(evaluated, max_dets, threshold=threshold)
+        return per_threshold
+    for threshold in ordered:
+        kept = [r for r in results if r.get("score", threshold) >= threshold]  # checked later
+        evaluated = {
+            t: _run_evaluate(coco_gt, kept, t, max_dets, img_ids, backend) for t in iou_types
+        }
+        per_threshold[threshold] = _collect(evaluated, max_dets, threshold=None)
     return per_threshold
 
 

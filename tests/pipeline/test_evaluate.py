@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 from pathlib import Path
 
@@ -26,6 +27,16 @@ from pipeline.evaluate import (
 )
 
 NUCLEI_VAL = Path(__file__).resolve().parents[3] / "shared" / "data" / "nuclei" / "val"
+BACKENDS = [
+    "pycocotools",
+    pytest.param(
+        "faster_coco_eval",
+        marks=pytest.mark.skipif(
+            importlib.util.find_spec("faster_coco_eval") is None,
+            reason="faster-coco-eval not installed",
+        ),
+    ),
+]
 
 
 def _rle(mask: np.ndarray) -> dict:
@@ -148,31 +159,44 @@ def nuclei_subset() -> tuple[dict, list[int]]:
     return gt, crowded + ranked[:2]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("iou_type", ["segm", "bbox"])
-def test_ap_agrees_with_pycocotools_run_by_hand(toy_gt, iou_type):
+def test_ap_agrees_with_pycocotools_run_by_hand(toy_gt, iou_type, backend):
     results = _jittered_results(toy_gt, seed=1)
-    metrics = evaluate_coco(toy_gt, results, iou_types=(iou_type,))
+    metrics = evaluate_coco(toy_gt, results, iou_types=(iou_type,), backend=backend)
     stats = _cocoeval_by_hand(toy_gt, results, iou_type).stats
     ours = [metrics[f"{iou_type}/{name}"] for name in METRIC_NAMES]
     np.testing.assert_allclose(ours, stats[:6], atol=1e-6)
     assert 0.05 < metrics[f"{iou_type}/AP"] < 1.0  # a meaningful, non-trivial score
 
 
-def test_raised_max_dets_on_crowded_nuclei(nuclei_subset):
+@pytest.fixture(scope="module")
+def nuclei_by_hand(nuclei_subset) -> tuple[list[dict], dict[str, list[float]]]:
+    """Jittered nuclei results and pycocotools' own numbers for them at maxDets 100 and 400."""
     gt, img_ids = nuclei_subset
     results = _jittered_results(gt, seed=2, drop=0.05, extra=0)
-    metrics = evaluate_coco(gt, results, max_dets=400, img_ids=img_ids)
+    expected = {}
     for iou_type in ("segm", "bbox"):
         # At 100: COCOeval's own summarize with maxDets [1, 10, 100, 400].
         at_100 = _cocoeval_by_hand(gt, results, iou_type, [1, 10, 100, 400], img_ids)
-        ours = [metrics[f"{iou_type}/{name}"] for name in METRIC_NAMES]
-        np.testing.assert_allclose(ours, at_100.stats[:6], atol=1e-6)
+        expected[iou_type] = list(at_100.stats[:6])
         # At 400: summarize reads maxDets[2] for AP50..APl; AP from the precision array.
         at_400 = _cocoeval_by_hand(gt, results, iou_type, [1, 10, 400], img_ids)
         precision = at_400.eval["precision"][:, :, :, 0, -1]
-        expected = [precision[precision > -1].mean(), *at_400.stats[1:6]]
+        expected[f"{iou_type}@400"] = [precision[precision > -1].mean(), *at_400.stats[1:6]]
+    return results, expected
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_raised_max_dets_on_crowded_nuclei(nuclei_subset, nuclei_by_hand, backend):
+    gt, img_ids = nuclei_subset
+    results, expected = nuclei_by_hand
+    metrics = evaluate_coco(gt, results, max_dets=400, img_ids=img_ids, backend=backend)
+    for iou_type in ("segm", "bbox"):
+        ours = [metrics[f"{iou_type}/{name}"] for name in METRIC_NAMES]
+        np.testing.assert_allclose(ours, expected[iou_type], atol=1e-6)
         ours = [metrics[f"{iou_type}/{name}@400"] for name in METRIC_NAMES]
-        np.testing.assert_allclose(ours, expected, atol=1e-6)
+        np.testing.assert_allclose(ours, expected[f"{iou_type}@400"], atol=1e-6)
         # The crowded images need the raised limit: capping at 100 loses recall.
         assert metrics[f"{iou_type}/AP@400"] > metrics[f"{iou_type}/AP"] + 0.02
     assert metrics["params"]["segm"]["maxDets"] == [1, 10, 100, 400]
@@ -182,8 +206,9 @@ def test_raised_max_dets_on_crowded_nuclei(nuclei_subset):
     assert curve["precision50"][0] >= curve["precision"][0] > 0
 
 
-def test_empty_results_give_zero_ap(toy_gt):
-    metrics = evaluate_coco(toy_gt, [], max_dets=300)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_results_give_zero_ap(toy_gt, backend):
+    metrics = evaluate_coco(toy_gt, [], max_dets=300, backend=backend)
     for iou_type in ("segm", "bbox"):
         assert metrics[f"{iou_type}/AP"] == 0.0
         assert metrics[f"{iou_type}/AP@300"] == 0.0
@@ -191,26 +216,30 @@ def test_empty_results_give_zero_ap(toy_gt):
     assert set(metrics["pr_curve"]["precision"]) == {0.0}
 
 
-def test_evaluate_does_not_mutate_results(toy_gt):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_evaluate_does_not_mutate_results(toy_gt, backend):
     results = _jittered_results(toy_gt, seed=3)
     before = copy.deepcopy(results)
-    evaluate_coco(toy_gt, results)
-    evaluate_thresholds(toy_gt, results, [0.3])
+    evaluate_coco(toy_gt, results, backend=backend)
+    evaluate_thresholds(toy_gt, results, [0.3], backend=backend)
     assert results == before
 
 
-def test_thresholds_equal_separate_passes(toy_gt, nuclei_subset):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_thresholds_equal_separate_passes(toy_gt, nuclei_subset, backend):
     nuclei_gt, img_ids = nuclei_subset
     cases = [
         (toy_gt, _jittered_results(toy_gt, seed=4), 100, None, [0.05, 0.3, 0.5, 0.9, 1.1]),
         (nuclei_gt, _jittered_results(nuclei_gt, seed=5), 400, img_ids, [0.05, 0.5, 0.9, 1.1]),
     ]
     for gt, results, max_dets, ids, thresholds in cases:
-        per_threshold = evaluate_thresholds(gt, results, thresholds, max_dets, img_ids=ids)
+        per_threshold = evaluate_thresholds(
+            gt, results, thresholds, max_dets, img_ids=ids, backend=backend
+        )
         assert list(per_threshold) == thresholds
         for t in thresholds:
             kept = [r for r in results if r["score"] >= t]
-            separate = evaluate_coco(gt, kept, max_dets=max_dets, img_ids=ids)
+            separate = evaluate_coco(gt, kept, max_dets=max_dets, img_ids=ids, backend=backend)
             assert scalar_metrics(per_threshold[t]) == scalar_metrics(separate)
             assert per_threshold[t]["pr_curve"] == separate["pr_curve"]
         aps = [per_threshold[t]["segm/AP"] for t in thresholds]
@@ -271,6 +300,8 @@ def test_bad_inputs_name_the_record(toy_gt, tmp_path):
         evaluate_coco(toy_gt, [{"image_id": 11, "category_id": 3, "score": 1.0, "bbox": [0] * 4}])
     with pytest.raises(EvaluationError, match="max_dets=50"):
         evaluate_coco(toy_gt, [], max_dets=50)
+    with pytest.raises(EvaluationError, match="backend 'detectron'"):
+        evaluate_coco(toy_gt, [], backend="detectron")
     with pytest.raises(EvaluationError, match="nope.json: annotation file not found"):
         coco_from_annotations(tmp_path / "nope.json")
     (tmp_path / "bad.json").write_text("{not json")
