@@ -1,0 +1,319 @@
+"""The crowded-shapes generator writes valid, deterministic, crowded COCO data."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from pipeline.synth import CATEGORIES, MIN_VISIBLE_AREA, make_dataset, trace_outline
+
+REPO = Path(__file__).resolve().parents[2]
+IMAGES, SMALL, SIZE = 100, 25, 256
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> tuple[Path, dict]:
+    root = tmp_path_factory.mktemp("shapes")
+    return root, make_dataset(root, images=IMAGES, size=SIZE, seed=0, val_fraction=0.2)
+
+
+@pytest.fixture(scope="module")
+def small_dataset(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("shapes_small")
+    make_dataset(root, images=SMALL, size=SIZE, seed=0, val_fraction=0.2)
+    return root
+
+
+def _load(root: Path, split: str) -> COCO:
+    with contextlib.redirect_stdout(io.StringIO()):
+        return COCO(str(root / split / "annotations.json"))
+
+
+def _all_anns(root: Path) -> list[dict]:
+    anns = []
+    for split in ("train", "val"):
+        anns += json.loads((root / split / "annotations.json").read_text())["annotations"]
+    return anns
+
+
+def _components(mask: np.ndarray) -> int:
+    """Number of 4-connected foreground regions (plain flood fill; masks are small)."""
+    seen = np.zeros_like(mask, dtype=bool)
+    count = 0
+    for start in zip(*np.nonzero(mask)):
+        if seen[start]:
+            continue
+        count += 1
+        stack = [start]
+        seen[start] = True
+        while stack:
+            r, c = stack.pop()
+            for rr, cc in ((r - 1, c), (r + 1, c), (r, c - 1), (r, c + 1)):
+                if (
+                    0 <= rr < mask.shape[0]
+                    and 0 <= cc < mask.shape[1]
+                    and mask[rr, cc]
+                    and not seen[rr, cc]
+                ):
+                    seen[rr, cc] = True
+                    stack.append((rr, cc))
+    return count
+
+
+def test_layout_and_summary_match_the_files(dataset):
+    root, summary = dataset
+    total = 0
+    for split in ("train", "val"):
+        data = json.loads((root / split / "annotations.json").read_text())
+        files = sorted(p.name for p in (root / split / "images").glob("*.jpg"))
+        assert files == sorted(im["file_name"] for im in data["images"])
+        assert all(im["width"] == SIZE and im["height"] == SIZE for im in data["images"])
+        info = summary["splits"][split]
+        assert info["images"] == len(files)
+        assert info["instances"] == sum(1 for a in data["annotations"] if not a["iscrowd"])
+        total += len(files)
+    assert total == IMAGES
+    assert summary["splits"]["val"]["images"] == int(IMAGES * 0.2)
+
+
+def test_same_arguments_give_byte_identical_files(small_dataset, tmp_path):
+    make_dataset(tmp_path, images=SMALL, size=SIZE, seed=0, val_fraction=0.2)
+    for split in ("train", "val"):
+        for first, second in zip(
+            sorted((small_dataset / split).rglob("*")), sorted((tmp_path / split).rglob("*"))
+        ):
+            assert first.relative_to(small_dataset) == second.relative_to(tmp_path)
+            if first.is_file():
+                assert first.read_bytes() == second.read_bytes(), first
+
+
+def test_an_image_does_not_depend_on_the_dataset_size(dataset, small_dataset):
+    root, _ = dataset
+    for split in ("train", "val"):
+        small = json.loads((small_dataset / split / "annotations.json").read_text())
+        large = json.loads((root / split / "annotations.json").read_text())
+        ids = {im["id"] for im in small["images"]}
+        assert ids and ids <= {im["id"] for im in large["images"]}
+        assert small["annotations"] == [a for a in large["annotations"] if a["image_id"] in ids]
+        for im in small["images"]:
+            name = im["file_name"]
+            assert (small_dataset / split / "images" / name).read_bytes() == (
+                root / split / "images" / name
+            ).read_bytes()
+
+
+def test_other_seed_gives_other_scenes(dataset, tmp_path):
+    root, _ = dataset
+    make_dataset(tmp_path, images=5, size=SIZE, seed=1, val_fraction=0.0)
+    other = json.loads((tmp_path / "train" / "annotations.json").read_text())["annotations"]
+    base = [a for a in _all_anns(root) if a["image_id"] <= 5]
+    assert [a["bbox"] for a in other] != [a["bbox"] for a in base]
+
+
+@pytest.mark.parametrize("iou_type", ["segm", "bbox"])
+def test_ground_truth_scored_against_itself_gives_ap_1(dataset, iou_type):
+    root, _ = dataset
+    for split in ("train", "val"):
+        coco = _load(root, split)
+        results = []
+        for ann in coco.loadAnns(coco.getAnnIds(iscrowd=False)):
+            result = {
+                "image_id": ann["image_id"],
+                "category_id": ann["category_id"],
+                "score": 1.0,
+                "bbox": ann["bbox"],
+            }
+            if iou_type == "segm":
+                rle = coco.annToRLE(ann)
+                counts = rle["counts"]  # bytes when made from a polygon, str when read as RLE
+                counts = counts.decode() if isinstance(counts, bytes) else counts
+                result["segmentation"] = {"size": rle["size"], "counts": counts}
+            results.append(result)
+        with contextlib.redirect_stdout(io.StringIO()):
+            evaluator = COCOeval(coco, coco.loadRes(results), iou_type)
+            evaluator.params.maxDets = [1, 10, 100]
+            evaluator.evaluate()
+            evaluator.accumulate()
+            evaluator.summarize()
+        assert evaluator.stats[0] == pytest.approx(1.0), (split, evaluator.stats)
+        assert evaluator.stats[8] == pytest.approx(1.0), (split, evaluator.stats)  # AR@100
+
+
+def test_polygons_and_rle_both_appear_and_decode_to_area_and_box(dataset):
+    root, _ = dataset
+    kinds = Counter()
+    for split in ("train", "val"):
+        coco = _load(root, split)
+        for ann in coco.loadAnns(coco.getAnnIds(iscrowd=False)):
+            seg = ann["segmentation"]
+            if isinstance(seg, list):
+                kinds["polygon"] += 1
+                assert len(seg) == 1 and len(seg[0]) >= 6 and len(seg[0]) % 2 == 0
+                assert all(0 <= v <= SIZE for v in seg[0])
+            else:
+                kinds["rle"] += 1
+                assert isinstance(seg["counts"], str) and seg["size"] == [SIZE, SIZE]
+            mask = coco.annToMask(ann)
+            # polygons are written so that they rasterise back to the visible mask
+            assert int(mask.sum()) == ann["area"]
+            rle = mask_utils.encode(np.asfortranarray(mask))
+            assert mask_utils.toBbox(rle).tolist() == ann["bbox"]
+            assert ann["area"] >= MIN_VISIBLE_AREA
+    assert kinds["polygon"] > 100 and kinds["rle"] > 50, kinds
+
+
+def test_crowd_regions_are_uncompressed_rle(dataset):
+    root, summary = dataset
+    crowds = [a for a in _all_anns(root) if a["iscrowd"]]
+    assert len(crowds) == sum(s["crowd_regions"] for s in summary["splits"].values())
+    assert 1 <= len(crowds) <= 0.1 * IMAGES
+    for ann in crowds:
+        seg = ann["segmentation"]
+        assert all(isinstance(c, int) for c in seg["counts"])
+        assert sum(seg["counts"]) == SIZE * SIZE
+        mask = mask_utils.decode(mask_utils.frPyObjects(seg, *seg["size"]))
+        assert int(mask.sum()) == ann["area"] > 0
+
+
+def test_scenes_range_from_empty_to_crowded(dataset):
+    root, summary = dataset
+    per_image = []
+    for split in ("train", "val"):
+        coco = _load(root, split)
+        per_image += [len(coco.getAnnIds(imgIds=i, iscrowd=False)) for i in coco.getImgIds()]
+    assert min(per_image) == 0 and 1 <= per_image.count(0) <= 0.1 * IMAGES
+    assert 15 <= max(per_image) <= 20
+    assert 5 <= np.mean(per_image) <= 15
+    assert 0.3 <= summary["overlap_fraction"] <= 0.6
+
+
+def test_sizes_cover_coco_small_medium_and_large(dataset):
+    root, _ = dataset
+    areas = np.array([a["area"] for a in _all_anns(root) if not a["iscrowd"]])
+    assert (areas < 32**2).sum() > 100
+    assert ((areas >= 32**2) & (areas < 96**2)).sum() > 50
+    assert (areas >= 96**2).sum() >= 1
+
+
+def test_same_class_objects_touch_or_overlap(dataset):
+    root, _ = dataset
+    anns = [a for a in _all_anns(root) if not a["iscrowd"]]
+    by_image: dict[int, list[dict]] = {}
+    for a in anns:
+        by_image.setdefault(a["image_id"], []).append(a)
+
+    def touches(a: dict, b: dict) -> bool:
+        (ax, ay, aw, ah), (bx, by, bw, bh) = a["bbox"], b["bbox"]
+        return ax <= bx + bw and bx <= ax + aw and ay <= by + bh and by <= ay + ah
+
+    close = sum(
+        any(b is not a and b["category_id"] == a["category_id"] and touches(a, b) for b in group)
+        for group in by_image.values()
+        for a in group
+    )
+    assert close >= 0.1 * len(anns)
+
+
+def test_occlusion_splits_some_masks(dataset):
+    root, _ = dataset
+    coco = _load(root, "train")
+    split = 0
+    for ann in coco.loadAnns(coco.getAnnIds(iscrowd=False)):
+        if isinstance(ann["segmentation"], dict) and ann["category_id"] != 7:  # not a ring
+            split += _components(coco.annToMask(ann)) > 1
+            if split >= 3:
+                break
+    assert split >= 3
+
+
+def test_category_ids_have_gaps_and_all_classes_appear(dataset):
+    root, _ = dataset
+    ids = [c["id"] for c in CATEGORIES]
+    assert 3 <= len(ids) <= 5 and len({c["name"] for c in CATEGORIES}) == len(ids)
+    assert ids != list(range(1, len(ids) + 1))
+    data = json.loads((root / "train" / "annotations.json").read_text())
+    assert [c["id"] for c in data["categories"]] == ids
+    assert {a["category_id"] for a in data["annotations"]} == set(ids)
+
+
+def test_trace_outline_is_exact_for_simple_regions_only():
+    mask = np.zeros((9, 10), dtype=bool)
+    mask[1:8, 2:5] = True
+    mask[5:8, 4:9] = True  # an L-shape
+    outline = trace_outline(mask)
+    assert outline is not None and len(outline) == 6
+    drawn = mask_utils.decode(mask_utils.frPyObjects([outline.ravel().tolist()], 9, 10))
+    assert np.array_equal(drawn[..., 0].astype(bool), mask)
+
+    two = np.zeros((6, 6), dtype=bool)
+    two[0:2, 0:2] = two[3:5, 3:5] = True
+    assert trace_outline(two) is None
+    holed = np.ones((5, 5), dtype=bool)
+    holed[2, 2] = False
+    assert trace_outline(holed) is None
+    diagonal = np.eye(3, dtype=bool)
+    assert trace_outline(diagonal) is None
+
+
+def test_rewriting_a_folder_replaces_its_splits(tmp_path):
+    make_dataset(tmp_path, images=6, size=64, seed=0)
+    stale = tmp_path / "train" / "images" / "stale.jpg"
+    stale.write_bytes(b"old")
+    keep = tmp_path / "notes.txt"
+    keep.write_text("mine")
+    summary = make_dataset(tmp_path, images=3, size=64, seed=0)
+    assert not stale.exists() and keep.read_text() == "mine"
+    assert (
+        len(list((tmp_path / "train" / "images").iterdir())) == summary["splits"]["train"]["images"]
+    )
+
+
+@pytest.mark.parametrize("kwargs", [{"images": -1}, {"size": 8}, {"val_fraction": 1.5}], ids=str)
+def test_bad_arguments_are_rejected(tmp_path, kwargs):
+    with pytest.raises(ValueError):
+        make_dataset(tmp_path, **kwargs)
+
+
+def test_cli_writes_the_coco_layout(tmp_path):
+    out = tmp_path / "data"
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "jobs/make_dataset.py",
+            "--out",
+            str(out),
+            "--images",
+            "20",
+            "--size",
+            "128",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert str(out) in proc.stdout
+    counts = {}
+    for split in ("train", "val"):
+        data = json.loads((out / split / "annotations.json").read_text())
+        images = list((out / split / "images").glob("*.jpg"))
+        assert len(images) == len(data["images"])
+        assert all(im["width"] == 128 for im in data["images"])
+        counts[split] = len(images)
+    assert counts == {"train": 16, "val": 4}
