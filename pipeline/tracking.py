@@ -1,0 +1,212 @@
+"""MLflow helpers: where runs go, what a run records, and the logged PEP model.
+
+The logged model is an `mlflow.pyfunc` model whose artifact is a plain checkpoint
+(state_dict + config, read with `weights_only=True`), not a pickled module, so a fresh
+process loads it with `mlflow.pyfunc.load_model(uri)` and predicts on encoded images.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.models import ModelSignature
+from mlflow.types import ColSpec, Schema
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_STORE_DIR = "work"
+DEFAULT_EXPERIMENT = "pep"
+
+
+def default_tracking_uri(base_dir: str | Path | None = None) -> str:
+    """The local default store: `work/mlflow.db` (SQLite) under the working directory."""
+    base = Path(base_dir or Path.cwd() / DEFAULT_STORE_DIR).resolve()
+    base.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{base / 'mlflow.db'}"
+
+
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    """`--tracking-uri` flag, else `MLFLOW_TRACKING_URI`, else the local SQLite default."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+            # Make relative SQLite paths absolute: Ray workers run in other directories.
+            uri = f"sqlite:///{Path(uri[len('sqlite:///') :]).resolve()}"
+        return uri
+    return default_tracking_uri()
+
+
+def set_experiment(name: str, tracking_uri: str) -> str:
+    """Select (creating if needed) an experiment; local SQLite stores keep artifacts beside."""
+    mlflow.set_tracking_uri(tracking_uri)
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is None:
+        location = None
+        if tracking_uri.startswith("sqlite:///"):
+            db = Path(tracking_uri[len("sqlite:///") :])
+            location = (db.parent / "mlartifacts").resolve().as_uri()
+        experiment_id = mlflow.create_experiment(name, artifact_location=location)
+    else:
+        experiment_id = experiment.experiment_id
+    mlflow.set_experiment(experiment_id=experiment_id)
+    return experiment_id
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1} (lists kept as values)."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def git_commit() -> str:
+    """The current git commit of the project, or 'unknown' outside a checkout."""
+    try:
+        return (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"],
+                capture_output=True,
+                text=True,
+                check=True,
+                cwd=Path(__file__).resolve().parent,
+            ).stdout.strip()
+            or "unknown"
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def log_metrics_safely(run_id: str, metrics: dict[str, float], step: int, tracking_uri: str):
+    """Log numeric metrics to a run from anywhere (workers, validation tasks).
+
+    Tracking problems are logged as warnings and never stop training.
+    """
+    numeric = {
+        k: float(v)
+        for k, v in metrics.items()
+        if isinstance(v, int | float | np.floating | np.integer) and np.isfinite(v)
+    }
+    try:
+        client = mlflow.MlflowClient(tracking_uri)
+        client.log_batch(
+            run_id,
+            metrics=[
+                mlflow.entities.Metric(k.replace("@", "_at_"), v, int(_now_ms()), step)
+                for k, v in numeric.items()
+            ],
+        )
+    except Exception as e:  # noqa: BLE001 - tracking must not kill training
+        logger.warning("could not log metrics to MLflow run %s: %s", run_id, e)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+# ----------------------------------------------------------------------------- model
+
+
+INPUT_SCHEMA = Schema([ColSpec("binary", "image")])
+OUTPUT_SCHEMA = Schema(
+    [
+        ColSpec("long", "image_index"),
+        ColSpec("long", "label"),
+        ColSpec("string", "category"),
+        ColSpec("double", "score"),
+        ColSpec("double", "x0"),
+        ColSpec("double", "y0"),
+        ColSpec("double", "x1"),
+        ColSpec("double", "y1"),
+        ColSpec("long", "height"),
+        ColSpec("long", "width"),
+        ColSpec("string", "mask_rle"),
+    ]
+)
+
+
+class PEPPyfunc(mlflow.pyfunc.PythonModel):
+    """pyfunc wrapper: a DataFrame of encoded images in, one row per instance out.
+
+    Input: column `image` with encoded image bytes (JPEG/PNG). Output columns: image_index,
+    label (contiguous class id), category (name), score, box x0 y0 x1 y1, the image's
+    height/width and the binary mask as COCO compressed RLE (`mask_rle`).
+    """
+
+    def load_context(self, context) -> None:
+        from pep_model import load_checkpoint
+
+        self.model, self.config = load_checkpoint(context.artifacts["checkpoint"])
+        self.model.eval()
+        with open(context.artifacts["categories"]) as f:
+            self.categories = {int(k): v for k, v in json.load(f).items()}
+
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+        import torch
+        from PIL import Image
+        from pycocotools import mask as mask_utils
+
+        rows = []
+        for index, data in enumerate(model_input["image"]):
+            image = Image.open(io.BytesIO(data)).convert("RGB")
+            tensor = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 255
+            with torch.inference_mode():
+                (pred,) = self.model([tensor])
+            for k in range(len(pred["scores"])):
+                rle = mask_utils.encode(
+                    np.asfortranarray(pred["masks"][k].numpy().astype(np.uint8))
+                )
+                label = int(pred["labels"][k])
+                x0, y0, x1, y1 = (float(v) for v in pred["boxes"][k])
+                rows.append(
+                    {
+                        "image_index": index,
+                        "label": label,
+                        "category": self.categories.get(label, str(label)),
+                        "score": float(pred["scores"][k]),
+                        "x0": x0,
+                        "y0": y0,
+                        "x1": x1,
+                        "y1": y1,
+                        "height": image.height,
+                        "width": image.width,
+                        "mask_rle": rle["counts"].decode("ascii"),
+                    }
+                )
+        columns = [c.name for c in OUTPUT_SCHEMA.inputs]
+        return pd.DataFrame(rows, columns=columns)
+
+
+def log_pep_model(
+    checkpoint_path: str | Path,
+    categories: dict[int, str],
+    name: str = "model",
+    input_example: pd.DataFrame | None = None,
+) -> mlflow.models.model.ModelInfo:
+    """Log the checkpoint as a pyfunc model (with signature) in the active run."""
+    with tempfile.TemporaryDirectory() as tmp:
+        categories_path = Path(tmp) / "categories.json"
+        categories_path.write_text(json.dumps({str(k): v for k, v in categories.items()}))
+        return mlflow.pyfunc.log_model(
+            name=name,
+            python_model=PEPPyfunc(),
+            artifacts={"checkpoint": str(checkpoint_path), "categories": str(categories_path)},
+            signature=ModelSignature(inputs=INPUT_SCHEMA, outputs=OUTPUT_SCHEMA),
+            input_example=input_example,
+            code_paths=[str(Path(__file__).resolve().parent.parent / "pep_model")],
+        )

@@ -1,0 +1,390 @@
+"""Distributed PEP training with Ray Train's TorchTrainer.
+
+`run_training` wires the pieces on the driver (datasets, scaling, storage, failure handling,
+validation); `train_loop_per_worker` is what every Ray Train worker runs and reads top to
+bottom: data shard, model, `prepare_model`, optimizer and schedule, epochs, `ray.train.report`.
+
+Checkpoints are one `checkpoint.pt` per report holding plain data only (state dicts, the
+resolved config, the epoch), so they load with `torch.load(..., weights_only=True)` and
+`pep_model.load_checkpoint` reads them directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+import time
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs
+import ray
+import ray.train
+import torch
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from pep_model import Config, build_model, config_from_dict, config_to_dict
+from pipeline import reader
+from pipeline.prepare import read_manifest
+from pipeline.tracking import log_metrics_safely
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_FILE = "checkpoint.pt"
+PROBE_DIR = ".storage_probe"
+
+
+class RunExistsError(RuntimeError):
+    """A run of that name already exists in the storage path and --resume was not given."""
+
+
+class StorageNotSharedError(RuntimeError):
+    """A training worker cannot read what the driver wrote under `storage_path`."""
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def resolve_use_gpu(flag: str | bool) -> bool:
+    """`auto` -> True when the Ray cluster (or this machine) has GPUs; else the flag."""
+    if isinstance(flag, bool):
+        return flag
+    flag = flag.lower()
+    if flag in ("true", "1", "yes"):
+        return True
+    if flag in ("false", "0", "no"):
+        return False
+    if flag != "auto":
+        raise ValueError(f"use_gpu must be auto, true or false, got {flag!r}")
+    if ray.is_initialized():
+        return ray.cluster_resources().get("GPU", 0) > 0
+    return torch.cuda.is_available()
+
+
+def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    """SGD (the paper's recipe) or AdamW; no weight decay on norm layers and biases."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim <= 1 else decay).append(param)
+    groups = [
+        {"params": decay, "weight_decay": cfg.train.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    if cfg.train.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.train.lr, momentum=cfg.train.momentum)
+    if cfg.train.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.train.lr)
+    raise ValueError(f"train.optimizer must be sgd or adamw, got {cfg.train.optimizer!r}")
+
+
+def build_lr_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: Config, iters_per_epoch: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over `warmup_iters`, then x`lr_gamma` at each epoch milestone.
+
+    One scheduler stepped per iteration (warm-up and steps in one function, so neither
+    overwrites the other).
+    """
+    warmup = max(cfg.train.warmup_iters, 0)
+    milestones = [m * iters_per_epoch for m in cfg.train.milestones]
+
+    def factor(it: int) -> float:
+        scale = cfg.train.lr_gamma ** sum(it >= m for m in milestones)
+        if it < warmup:
+            scale *= 0.001 + (1 - 0.001) * it / warmup
+        return scale
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def save_training_checkpoint(directory: str | Path, state: dict[str, Any]) -> Path:
+    """Write the training state (plain data only) to `directory/checkpoint.pt`."""
+    path = Path(directory) / CHECKPOINT_FILE
+    torch.save(state, path)
+    return path
+
+
+def load_training_checkpoint(directory: str | Path) -> dict[str, Any]:
+    """Read a training checkpoint written by `save_training_checkpoint` (weights only)."""
+    return torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+
+
+def _storage_fs(storage_path: str) -> tuple[pyarrow.fs.FileSystem, str]:
+    if "://" in storage_path:
+        return pyarrow.fs.FileSystem.from_uri(storage_path)
+    return pyarrow.fs.LocalFileSystem(), os.path.abspath(storage_path)
+
+
+def write_storage_probe(storage_path: str, name: str) -> str:
+    """Driver side: write a probe file under the run directory; returns its token."""
+    fs, root = _storage_fs(storage_path)
+    token = uuid.uuid4().hex
+    probe_dir = f"{root}/{name}/{PROBE_DIR}"
+    fs.create_dir(probe_dir, recursive=True)
+    with fs.open_output_stream(f"{probe_dir}/driver-{token}") as f:
+        f.write(token.encode())
+    return token
+
+
+def check_storage_probe(storage_path: str, name: str, token: str, rank: int) -> None:
+    """Worker side: read the driver's probe and write (then read back) this worker's own.
+
+    A node-local `storage_path` on a multi-node cluster fails here at once, instead of at
+    the first checkpoint upload.
+    """
+    fs, root = _storage_fs(storage_path)
+    probe_dir = f"{root}/{name}/{PROBE_DIR}"
+    node = ray.get_runtime_context().get_node_id()[:12]
+    try:
+        with fs.open_input_stream(f"{probe_dir}/driver-{token}") as f:
+            seen = f.read().decode()
+        mine = f"{probe_dir}/worker-{rank}-{token}"
+        with fs.open_output_stream(mine) as f:
+            f.write(node.encode())
+        with fs.open_input_stream(mine) as f:
+            back = f.read().decode()
+    except (OSError, FileNotFoundError) as e:
+        raise StorageNotSharedError(
+            f"worker {rank} on node {node} cannot use storage_path {storage_path!r}: {e}. "
+            "On a multi-node cluster storage_path must be shared by all nodes (NFS mount or "
+            "a cloud URI such as s3://bucket/runs), not a node-local directory."
+        ) from e
+    if seen != token or back != node:
+        raise StorageNotSharedError(
+            f"worker {rank} on node {node} read back unexpected probe contents under "
+            f"{storage_path!r}; is the storage consistent across nodes?"
+        )
+
+
+def run_directory_exists(storage_path: str, name: str) -> bool:
+    """True when `storage_path/name` already holds something (a previous run)."""
+    fs, root = _storage_fs(storage_path)
+    info = fs.get_file_info(f"{root}/{name}")
+    if info.type == pyarrow.fs.FileType.NotFound:
+        return False
+    selector = pyarrow.fs.FileSelector(f"{root}/{name}", recursive=False)
+    return any(not entry.base_name.startswith(PROBE_DIR) for entry in fs.get_file_info(selector))
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    # prepare_model wraps in DDP only when world_size > 1.
+    return getattr(model, "module", model)
+
+
+def _to_device(images: list, targets: list, device: torch.device) -> tuple[list, list]:
+    images = [img.to(device, non_blocking=True) for img in images]
+    targets = [
+        {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in t.items()}
+        for t in targets
+    ]
+    return images, targets
+
+
+# ----------------------------------------------------------------------------- worker
+
+
+def train_one_epoch(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    batches,
+    device: torch.device,
+    cfg: Config,
+    scaler: torch.amp.GradScaler,
+) -> dict[str, float]:
+    """One pass over this worker's shard; returns mean loss terms, lr and images/s."""
+    model.train()
+    sums: dict[str, float] = defaultdict(float)
+    steps = images_seen = 0
+    use_amp = cfg.train.amp and device.type == "cuda"
+    start = time.perf_counter()
+    for images, targets in batches:
+        images, targets = _to_device(images, targets, device)
+        with torch.autocast(device_type=device.type, enabled=use_amp):
+            losses = model(images, targets)
+        loss = sum(losses.values())
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"non-finite loss {loss.item()} at step {steps}: "
+                + ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
+            )
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if cfg.train.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        for key, value in losses.items():
+            sums[key] += value.item()
+        sums["loss"] += loss.item()
+        steps += 1
+        images_seen += len(images)
+    elapsed = time.perf_counter() - start
+    metrics = {key: value / max(steps, 1) for key, value in sums.items()}
+    metrics.update(
+        lr=optimizer.param_groups[0]["lr"],
+        images_per_s=images_seen / max(elapsed, 1e-9),
+        steps=steps,
+        epoch_time_s=elapsed,
+    )
+    return metrics
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """The per-worker training loop (Ray Train V2)."""
+    cfg = config_from_dict(loop_config["config"])
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    if loop_config.get("probe_token"):
+        check_storage_probe(
+            loop_config["storage_path"], loop_config["name"], loop_config["probe_token"], rank
+        )
+    torch.manual_seed(cfg.train.seed + rank)
+
+    shard = ray.train.get_dataset_shard("train")
+    device = ray.train.torch.get_device()
+    model = build_model(cfg.model)
+    model = ray.train.torch.prepare_model(
+        model, parallel_strategy_kwargs={"find_unused_parameters": True}
+    )
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_lr_scheduler(optimizer, cfg, loop_config["iters_per_epoch"])
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp and device.type == "cuda")
+
+    start_epoch = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as ckpt_dir:
+            state = load_training_checkpoint(ckpt_dir)
+        _unwrap(model).load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        start_epoch = state["epoch"] + 1
+        logger.info("rank %d resumed from the checkpoint of epoch %d", rank, state["epoch"])
+
+    for epoch in range(start_epoch, cfg.train.epochs):
+        batches = reader.iter_model_batches(
+            shard, cfg.train.batch_size, local_shuffle_buffer_size=4 * cfg.train.batch_size
+        )
+        metrics = train_one_epoch(model, optimizer, scheduler, batches, device, cfg, scaler)
+        metrics.update(epoch=epoch, resumed_from=start_epoch - 1)
+        if rank == 0 and loop_config.get("mlflow_run"):
+            run_id, tracking_uri = loop_config["mlflow_run"]
+            log_metrics_safely(run_id, metrics, step=epoch, tracking_uri=tracking_uri)
+        validate = (epoch + 1) % max(cfg.eval.every_epochs, 1) == 0 or epoch + 1 == cfg.train.epochs
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if rank == 0:
+                save_training_checkpoint(
+                    tmp,
+                    {
+                        "model": _unwrap(model).state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "scaler": scaler.state_dict(),
+                        "epoch": epoch,
+                        "config": loop_config["config"],
+                    },
+                )
+                ckpt = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(
+                metrics,
+                checkpoint=ckpt,
+                checkpoint_dir_name=f"checkpoint_epoch_{epoch:04d}",
+                validation=bool(validate and ckpt is not None and loop_config.get("validate")),
+            )
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+@dataclass
+class TrainingRun:
+    """What `run_training` returns: Ray's result plus where things are."""
+
+    result: ray.train.Result
+    checkpoint_path: str  # local path (or URI) of the last checkpoint directory
+    run_path: str
+
+
+def run_training(
+    cfg: Config,
+    train_shards: str,
+    *,
+    storage_path: str,
+    name: str,
+    resume: bool = False,
+    num_workers: int | None = None,
+    use_gpu: str | bool | None = None,
+    placement_strategy: str = "PACK",
+    validation_config: ray.train.v2.api.validation_config.ValidationConfig | None = None,
+    callbacks: list | None = None,
+    mlflow_run: tuple[str, str] | None = None,
+) -> TrainingRun:
+    """Train PEP on the shards in `train_shards` with a TorchTrainer.
+
+    Refuses to reuse `storage_path/name` unless `resume` is set; with `resume` Ray Train
+    restores the run's last checkpoint (`ray.train.get_checkpoint()` in the workers).
+    """
+    num_workers = num_workers or cfg.train.num_workers
+    gpu = resolve_use_gpu(cfg.train.use_gpu if use_gpu is None else use_gpu)
+    if not resume and run_directory_exists(storage_path, name):
+        raise RunExistsError(
+            f"a run named {name!r} already exists in {storage_path}; pass --resume to continue "
+            "it, or choose another --name"
+        )
+
+    # seed=None: fresh augmentations every epoch (each epoch re-executes the dataset).
+    dataset = reader.training_dataset(train_shards, cfg.data, seed=None)
+    rows = read_manifest(train_shards)["counts"]["images_written"]
+    iters_per_epoch = max(1, math.ceil(rows / (cfg.train.batch_size * num_workers)))
+    token = write_storage_probe(storage_path, name)
+
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "config": config_to_dict(cfg),
+            "iters_per_epoch": iters_per_epoch,
+            "storage_path": storage_path,
+            "name": name,
+            "probe_token": token,
+            "validate": validation_config is not None,
+            "mlflow_run": mlflow_run,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=num_workers, use_gpu=gpu, placement_strategy=placement_strategy
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage_path,
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks,
+        ),
+        datasets={"train": dataset},
+        validation_config=validation_config,
+    )
+    logger.info(
+        "training %s: %d images, %d workers (gpu=%s), %d epochs, %d iters/epoch",
+        name,
+        rows,
+        num_workers,
+        gpu,
+        cfg.train.epochs,
+        iters_per_epoch,
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"training run {name!r} finished without a checkpoint")
+    return TrainingRun(result=result, checkpoint_path=result.checkpoint.path, run_path=result.path)

@@ -1,0 +1,120 @@
+"""Ray Train training: checkpoints, refusal to overwrite, resume, a killed worker, storage probe."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pep_model import load_checkpoint
+from pipeline.train import (
+    CHECKPOINT_FILE,
+    RunExistsError,
+    StorageNotSharedError,
+    build_lr_scheduler,
+    build_optimizer,
+    check_storage_probe,
+    load_training_checkpoint,
+    run_training,
+    write_storage_probe,
+)
+
+
+def test_optimizer_skips_weight_decay_on_biases_and_norms(tiny_config):
+    cfg = tiny_config("train.optimizer=sgd", "train.weight_decay=0.5")
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    decay, no_decay = build_optimizer(model, cfg).param_groups
+    assert decay["weight_decay"] == 0.5 and [p.ndim for p in decay["params"]] == [4]
+    assert no_decay["weight_decay"] == 0.0 and len(no_decay["params"]) == 3
+
+
+def test_lr_schedule_warms_up_then_steps_at_milestones(tiny_config):
+    cfg = tiny_config("train.lr=0.1", "train.warmup_iters=4", "train.milestones=[2, 3]")
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2, 2))], lr=0.1)
+    scheduler = build_lr_scheduler(optimizer, cfg, iters_per_epoch=5)
+    lrs = []
+    for _ in range(20):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[0] == pytest.approx(0.1 * 0.001)
+    assert lrs[2] == pytest.approx(0.1 * (0.001 + 0.999 * 2 / 4))
+    assert lrs[4:10] == pytest.approx([0.1] * 6)  # warm-up done, before epoch 2
+    assert lrs[10:15] == pytest.approx([0.01] * 5)  # epoch 2
+    assert lrs[15:20] == pytest.approx([0.001] * 5)  # epoch 3
+
+
+def test_checkpoints_load_and_existing_run_needs_resume(tiny_config, tiny_shards, tmp_path):
+    cfg = tiny_config("train.epochs=1")
+    run = run_training(cfg, str(tiny_shards / "train"), storage_path=str(tmp_path), name="once")
+    state = load_training_checkpoint(run.checkpoint_path)  # weights_only=True inside
+    assert state["epoch"] == 0
+    assert set(state) >= {"model", "optimizer", "scheduler", "epoch", "config"}
+    model, loaded_cfg = load_checkpoint(Path(run.checkpoint_path) / CHECKPOINT_FILE)
+    assert loaded_cfg.model.fpn_channels == 32
+    assert run.result.metrics["steps"] == 6  # 12 train images / batch 2 / 1 worker
+    assert all(
+        torch.isfinite(torch.tensor(v)) for k, v in run.result.metrics.items() if "loss" in k
+    )
+
+    with pytest.raises(RunExistsError, match="--resume"):
+        run_training(cfg, str(tiny_shards / "train"), storage_path=str(tmp_path), name="once")
+
+    # --resume with a longer schedule continues after epoch 0 instead of starting over.
+    longer = tiny_config("train.epochs=2")
+    resumed = run_training(
+        longer, str(tiny_shards / "train"), storage_path=str(tmp_path), name="once", resume=True
+    )
+    assert resumed.result.metrics["epoch"] == 1
+    assert resumed.result.metrics["resumed_from"] == 0
+    assert load_training_checkpoint(resumed.checkpoint_path)["epoch"] == 1
+
+
+def _train_worker_pids() -> list[int]:
+    from ray.util.state import list_actors
+
+    actors = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    return [a.pid for a in actors if a.pid]
+
+
+def test_killed_worker_restarts_from_last_checkpoint(tiny_config, tiny_shards, tmp_path):
+    cfg = tiny_config("train.epochs=4", "train.max_failures=2")
+    outcome: dict = {}
+
+    def train():
+        try:
+            outcome["run"] = run_training(
+                cfg, str(tiny_shards / "train"), storage_path=str(tmp_path), name="killed"
+            )
+        except BaseException as e:  # surfaced by the assertion below
+            outcome["error"] = e
+
+    thread = threading.Thread(target=train)
+    thread.start()
+    first = tmp_path / "killed" / "checkpoint_epoch_0000" / CHECKPOINT_FILE
+    deadline = time.time() + 300
+    while not first.exists() and thread.is_alive() and time.time() < deadline:
+        time.sleep(0.2)
+    assert first.exists(), outcome.get("error")
+    pids = _train_worker_pids()
+    assert len(pids) == 1
+    os.kill(pids[0], signal.SIGKILL)  # the real worker process, mid-run
+    thread.join(timeout=600)
+    assert "error" not in outcome, outcome.get("error")
+    metrics = outcome["run"].result.metrics
+    assert metrics["epoch"] == 3  # completed the configured epochs
+    assert metrics["resumed_from"] >= 0  # the restarted worker group loaded a checkpoint
+    assert _train_worker_pids() == [] or pids[0] not in _train_worker_pids()
+
+
+def test_storage_probe_fails_fast_on_unshared_path(ray_session, tmp_path):
+    token = write_storage_probe(str(tmp_path / "shared"), "run")
+    check_storage_probe(str(tmp_path / "shared"), "run", token, rank=0)  # same path: fine
+    # A worker whose storage_path is not the driver's (node-local on another machine).
+    with pytest.raises(StorageNotSharedError, match="shared by all nodes"):
+        check_storage_probe(str(tmp_path / "elsewhere"), "run", token, rank=1)
