@@ -1,0 +1,380 @@
+"""Training-side reader: Parquet shards -> decoded, augmented model batches.
+
+    ds = training_dataset(shards_dir, cfg.data, seed=None)      # Ray Dataset, lazy
+    trainer = TorchTrainer(loop, datasets={"train": ds}, ...)
+    # in the loop:
+    for images, targets in iter_model_batches(ray.train.get_dataset_shard("train"), 4):
+        losses = model(images, targets)
+
+Decoding (JPEG, RLE masks) and augmentation (scale jitter over `DataConfig.train_size`,
+horizontal flip with `DataConfig.flip_prob`) run in Ray Data workers (`map_batches`), not
+in the training loop. The collate (`iter_model_batches`) only turns the workers' buffers
+into tensors:
+
+- `images`: list of float32 [3, H, W] tensors in 0..1; sizes vary within a batch. The
+  reader does NOT pad: the model pads a list of images to its size divisibility in one
+  place.
+- `targets`: list of dicts, one per image: `labels` int64 [N] (1..C), `boxes` float32
+  [N, 4] xyxy (tight box of the mask, COCO convention: x1 = last column + 1, so
+  `boxes == masks_to_boxes(masks) + [0, 0, 1, 1]`), `masks` uint8 [N, H, W], `iscrowd`
+  bool [N], `image_id` int, `orig_size` (height, width) of the image in the annotation
+  file (what predictions are rescaled to for COCO results).
+
+Masks travel between the workers and the collate bit-packed (`np.packbits` of [N, H, W]),
+8x less than uint8 through the object store; crowded images have hundreds of masks. The
+workers decode, resize (nearest neighbour, pixel centres aligned) and flip the masks on
+the list of foreground pixels of all RLEs of an image at once, writing the packed bits
+directly, so their cost grows with the objects' area, not with N x H x W; the collate's
+`np.unpackbits` is the one pass over N x H x W. Instances whose mask vanishes under a
+downscale are dropped from that sample (they have no pixel to learn from).
+
+Randomness: with `seed=None` every pass draws fresh augmentations (what training wants:
+each epoch re-executes the dataset); with an int seed the augmentation of an image is a
+pure function of (seed, image_id), the same every epoch, for tests and debugging.
+
+Evaluation helpers: `read_manifest`, `category_map` (contiguous id -> COCO id), and
+`image_sizes` (image id -> original (height, width)).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+import torch
+from PIL import Image
+
+from pep_model.config import DataConfig
+from pipeline.coco import CategoryMap, rles_pixels
+from pipeline.prepare import read_manifest
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "category_map",
+    "collate",
+    "decode_batch",
+    "image_sizes",
+    "iter_model_batches",
+    "local_batches",
+    "open_shards",
+    "read_manifest",
+    "shard_files",
+    "training_dataset",
+]
+
+DECODED_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.int64()),
+        ("orig_height", pa.int32()),
+        ("orig_width", pa.int32()),
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+        ("image", pa.binary()),  # uint8 [3, height, width], C order
+        ("labels", pa.list_(pa.int32())),
+        ("boxes", pa.list_(pa.float32())),  # N * 4, xyxy
+        ("iscrowd", pa.list_(pa.bool_())),
+        ("masks", pa.large_binary()),  # np.packbits of uint8 [N, height, width]
+    ]
+)
+"""Rows of `training_dataset`: what the workers hand to the collate."""
+
+_INV_255 = np.float32(1.0 / 255.0)
+_MAP_BATCH_ROWS = 4  # images per map_batches call: crowded images are heavy
+
+
+# ---------------------------------------------------------------- shards and metadata
+
+
+def shard_files(shards_dir: str | os.PathLike) -> list[str]:
+    """Paths of the Parquet shards listed in the manifest, in order."""
+    shards_dir = Path(shards_dir)
+    return [str(shards_dir / s["file"]) for s in read_manifest(shards_dir)["shards"]]
+
+
+def open_shards(shards_dir: str | os.PathLike) -> ray.data.Dataset:
+    """The raw shard rows (schema: `pipeline.prepare.SHARD_SCHEMA`) as a Ray Dataset."""
+    files = shard_files(shards_dir)
+    if not files:
+        raise ValueError(f"{shards_dir}: the manifest lists no shards (no images were written)")
+    return ray.data.read_parquet(files, file_extensions=["parquet"])
+
+
+def category_map(shards_dir: str | os.PathLike) -> CategoryMap:
+    """Contiguous class ids <-> COCO category ids (and names) of the shards."""
+    return CategoryMap.from_dict(read_manifest(shards_dir)["categories"])
+
+
+def image_sizes(shards_dir: str | os.PathLike) -> dict[int, tuple[int, int]]:
+    """Image id -> original (height, width), read from the shards' small columns only."""
+    sizes: dict[int, tuple[int, int]] = {}
+    for path in shard_files(shards_dir):
+        table = pq.read_table(path, columns=["image_id", "orig_height", "orig_width"])
+        for image_id, h, w in zip(*(table.column(c).to_pylist() for c in table.column_names)):
+            sizes[image_id] = (h, w)
+    return sizes
+
+
+# ---------------------------------------------------------------- worker side
+
+
+def _forward_index(out_len: int, in_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """For nearest-neighbour resizing (pixel centres aligned): the output pixels
+    [lo[i], hi[i]) that take their value from input pixel i (empty when downscaling
+    skips it)."""
+    source = ((np.arange(out_len) + 0.5) * (in_len / out_len)).astype(np.int64)
+    source = np.minimum(source, in_len - 1)  # output pixel -> input pixel, non-decreasing
+    inputs = np.arange(in_len)
+    return np.searchsorted(source, inputs, "left"), np.searchsorted(source, inputs, "right")
+
+
+def _augment_params(
+    image_id: int,
+    height: int,
+    width: int,
+    train_size: list[int] | None,
+    flip_prob: float,
+    seed: int | None,
+) -> tuple[int, int, bool]:
+    """(out_height, out_width, flip) of one image; train_size None means no augmentation."""
+    if not train_size:
+        return height, width, False
+    rng = np.random.default_rng(None if seed is None else [seed, image_id])
+    longer = int(rng.choice(train_size))
+    scale = longer / max(height, width)
+    out_h, out_w = max(1, round(height * scale)), max(1, round(width * scale))
+    return out_h, out_w, bool(rng.random() < flip_prob)
+
+
+def transform_masks(
+    counts: list[str | bytes],
+    height: int,
+    width: int,
+    out_height: int,
+    out_width: int,
+    flip: bool,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Decode RLE masks, resize (nearest) and flip them, straight into packed bits.
+
+    Returns (packed, boxes, keep): `np.packbits` of uint8 [K, out_height, out_width] for the
+    K kept instances, their tight xyxy boxes float32 [K, 4] (x1 = last column + 1), and
+    the bool [N] of instances that still have pixels. Works on the foreground pixels only,
+    so the cost grows with the objects' area, not N x H x W.
+    """
+    n = len(counts)
+    inst, rows, cols = rles_pixels(counts, height)
+    if (out_height, out_width) != (height, width):
+        # Each input pixel covers a block of output pixels (0 x 0 to 2 x 2 for jitter
+        # within [0.5, 2]); expand the pixel list into those blocks.
+        row_lo, row_hi = _forward_index(out_height, height)
+        col_lo, col_hi = _forward_index(out_width, width)
+        n_rows, n_cols = (row_hi - row_lo)[rows], (col_hi - col_lo)[cols]
+        per_pixel = n_rows * n_cols
+        src = np.repeat(np.arange(len(rows)), per_pixel)
+        j = np.arange(len(src)) - np.repeat(np.cumsum(per_pixel) - per_pixel, per_pixel)
+        inst = inst[src]
+        rows = row_lo[rows][src] + j // n_cols[src]
+        cols = col_lo[cols][src] + j % n_cols[src]
+    if flip:
+        cols = out_width - 1 - cols
+    pixels = np.bincount(inst, minlength=n)
+    keep = pixels > 0
+    new_index = np.cumsum(keep) - 1
+    kept = int(keep.sum())
+    packed = np.zeros((kept * out_height * out_width + 7) // 8, np.uint8)
+    flat = (new_index[inst] * out_height + rows) * out_width + cols
+    np.bitwise_or.at(packed, flat >> 3, (128 >> (flat & 7)).astype(np.uint8))
+    boxes = np.zeros((kept, 4), np.float32)
+    if kept:
+        first = (np.cumsum(pixels) - pixels)[keep]  # pixels are grouped by instance
+        boxes[:, 0] = np.minimum.reduceat(cols, first)
+        boxes[:, 1] = np.minimum.reduceat(rows, first)
+        boxes[:, 2] = np.maximum.reduceat(cols, first) + 1
+        boxes[:, 3] = np.maximum.reduceat(rows, first) + 1
+    return packed, boxes, keep
+
+
+def decode_sample(
+    row: dict[str, Any], train_size: list[int] | None, flip_prob: float, seed: int | None
+) -> dict[str, Any]:
+    """Decode one shard row and augment it: image uint8 [3, H, W], masks bit-packed.
+
+    `train_size=None` decodes at the shard size without flipping (evaluation).
+    """
+    h, w = row["height"], row["width"]
+    out_h, out_w, flip = _augment_params(row["image_id"], h, w, train_size, flip_prob, seed)
+    image = Image.open(io.BytesIO(row["image"]))
+    image = image.convert("RGB") if image.mode != "RGB" else image
+    if (out_h, out_w) != (h, w):
+        image = image.resize((out_w, out_h), Image.Resampling.BILINEAR)
+    pixels = np.asarray(image)  # H x W x 3
+    if flip:
+        pixels = pixels[:, ::-1]
+    packed, boxes, keep = transform_masks(row["masks"], h, w, out_h, out_w, flip)
+    return {
+        "image_id": row["image_id"],
+        "orig_height": row["orig_height"],
+        "orig_width": row["orig_width"],
+        "height": out_h,
+        "width": out_w,
+        "image": np.ascontiguousarray(pixels.transpose(2, 0, 1)),  # 3 x H x W
+        "labels": np.asarray(row["labels"], np.int32)[keep],
+        "boxes": boxes,
+        "iscrowd": np.asarray(row["iscrowd"], bool)[keep],
+        "masks_packed": packed,
+    }
+
+
+def decode_batch(
+    batch: pa.Table,
+    train_size: list[int] | None = None,
+    flip_prob: float = 0.0,
+    seed: int | None = None,
+) -> pa.Table:
+    """`map_batches` function: shard rows in, decoded (and augmented) rows out."""
+    columns = ["image_id", "orig_height", "orig_width", "height", "width", "image"]
+    columns += ["labels", "iscrowd", "masks"]
+    out: dict[str, list[Any]] = {name: [] for name in DECODED_SCHEMA.names}
+    for row in batch.select(columns).to_pylist():
+        sample = decode_sample(row, train_size, flip_prob, seed)
+        for name in ("image_id", "orig_height", "orig_width", "height", "width", "labels"):
+            out[name].append(sample[name])
+        out["iscrowd"].append(sample["iscrowd"])
+        out["image"].append(sample["image"].tobytes())
+        out["boxes"].append(sample["boxes"].reshape(-1))
+        out["masks"].append(sample["masks_packed"].tobytes())
+    return pa.table(
+        {
+            name: pa.array(values, type=DECODED_SCHEMA.field(name).type)
+            for name, values in out.items()
+        }
+    )
+
+
+def _decode_kwargs(data_cfg: DataConfig, augment: bool, seed: int | None) -> dict[str, Any]:
+    return {
+        "train_size": list(data_cfg.train_size) if augment else None,
+        "flip_prob": data_cfg.flip_prob if augment else 0.0,
+        "seed": seed,
+    }
+
+
+def training_dataset(
+    shards_dir: str | os.PathLike,
+    data_cfg: DataConfig,
+    seed: int | None = None,
+    augment: bool = True,
+) -> ray.data.Dataset:
+    """Shards -> decoded (and, with `augment`, scale-jittered and flipped) rows, lazily.
+
+    Pass the result to `TorchTrainer(datasets={"train": ...})`; each worker reads its part
+    with `ray.train.get_dataset_shard("train")` and `iter_model_batches`.
+    """
+    return open_shards(shards_dir).map_batches(
+        decode_batch,
+        batch_format="pyarrow",
+        batch_size=_MAP_BATCH_ROWS,
+        num_cpus=data_cfg.reader_cpus,
+        fn_kwargs=_decode_kwargs(data_cfg, augment, seed),
+    )
+
+
+# ---------------------------------------------------------------- collate
+
+
+def _list_values(column: pa.Array, i: int) -> np.ndarray:
+    offsets = column.offsets
+    start, end = offsets[i].as_py(), offsets[i + 1].as_py()
+    return column.values[start:end].to_numpy(zero_copy_only=False)
+
+
+def collate(batch: pa.Table | pa.RecordBatch) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
+    """Decoded rows (`DECODED_SCHEMA`) -> (images, targets) as the model takes them."""
+    images: list[torch.Tensor] = []
+    targets: list[dict[str, Any]] = []
+    record_batches = batch.to_batches() if isinstance(batch, pa.Table) else [batch]
+    for rb in record_batches:
+        cols = {name: rb.column(name) for name in DECODED_SCHEMA.names}
+        ids = cols["image_id"].to_pylist()
+        heights, widths = cols["height"].to_pylist(), cols["width"].to_pylist()
+        orig = zip(cols["orig_height"].to_pylist(), cols["orig_width"].to_pylist())
+        for i, (image_id, h, w, orig_size) in enumerate(zip(ids, heights, widths, orig)):
+            pixels = np.frombuffer(cols["image"][i].as_buffer(), np.uint8).reshape(3, h, w)
+            # to float in 0..1 with numpy: single-threaded, no OpenMP start-up per image
+            images.append(torch.from_numpy(np.multiply(pixels, _INV_255, dtype=np.float32)))
+            labels = _list_values(cols["labels"], i).astype(np.int64)
+            n = len(labels)
+            packed = np.frombuffer(cols["masks"][i].as_buffer(), np.uint8)
+            masks = np.unpackbits(packed, count=n * h * w).reshape(n, h, w)  # N x H x W
+            targets.append(
+                {
+                    "labels": torch.from_numpy(labels),
+                    "boxes": torch.from_numpy(
+                        _list_values(cols["boxes"], i).astype(np.float32).reshape(n, 4)
+                    ),
+                    "masks": torch.from_numpy(masks),
+                    "iscrowd": torch.from_numpy(_list_values(cols["iscrowd"], i).astype(bool)),
+                    "image_id": int(image_id),
+                    "orig_size": orig_size,
+                }
+            )
+    return images, targets
+
+
+def iter_model_batches(
+    dataset_or_shard: ray.data.Dataset | ray.data.DataIterator,
+    batch_size: int,
+    *,
+    drop_last: bool = False,
+    local_shuffle_buffer_size: int | None = None,
+    prefetch_batches: int = 2,
+) -> Iterator[tuple[list[torch.Tensor], list[dict[str, Any]]]]:
+    """Model batches from a `training_dataset` or its Ray Train shard
+    (`ray.train.get_dataset_shard("train")`): (images, targets) as `collate` gives."""
+    batches = dataset_or_shard.iter_batches(
+        batch_size=batch_size,
+        batch_format="pyarrow",
+        drop_last=drop_last,
+        local_shuffle_buffer_size=local_shuffle_buffer_size,
+        prefetch_batches=prefetch_batches,
+    )
+    for batch in batches:
+        yield collate(batch)
+
+
+def _local_rows(shards_dir: str | os.PathLike, rows: int) -> Iterable[pa.Table]:
+    for path in shard_files(shards_dir):
+        parquet = pq.ParquetFile(path)
+        for rb in parquet.iter_batches(batch_size=rows):
+            yield pa.Table.from_batches([rb])
+
+
+def local_batches(
+    shards_dir: str | os.PathLike,
+    data_cfg: DataConfig,
+    batch_size: int,
+    augment: bool = False,
+    seed: int | None = 0,
+    use_ray: bool = False,
+) -> Iterator[tuple[list[torch.Tensor], list[dict[str, Any]]]]:
+    """Model batches without Ray Train, in shard order (unit tests, evaluation, tools).
+
+    `use_ray=False` decodes in this process with the same functions the Ray Data workers
+    run; `use_ray=True` goes through `training_dataset` (needs a Ray instance).
+    """
+    kwargs = _decode_kwargs(data_cfg, augment, seed)
+    if use_ray:
+        yield from iter_model_batches(
+            training_dataset(shards_dir, data_cfg, seed=seed, augment=augment), batch_size
+        )
+        return
+    for table in _local_rows(shards_dir, batch_size):
+        yield collate(decode_batch(table, **kwargs))
