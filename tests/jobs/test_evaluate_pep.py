@@ -1,0 +1,60 @@
+"""jobs/evaluate_pep.py: the CLI wiring (shards in, AP table and JSON files out)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+import pep_model
+from pipeline.inference import InferenceError
+
+JOB = Path(__file__).resolve().parents[2] / "jobs" / "evaluate_pep.py"
+
+
+def _job():
+    spec = importlib.util.spec_from_file_location("evaluate_pep", JOB)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_evaluates_shards_and_writes_results(tiny_config, tiny_shards, tmp_path, capsys):
+    job = _job()
+    cfg = tiny_config()
+    checkpoint = tmp_path / "pep.pt"
+    pep_model.save_checkpoint(checkpoint, pep_model.build_model(cfg.model), cfg)
+    args = job.get_args_parser().parse_args(
+        [
+            "--checkpoint", str(checkpoint),
+            "--data", str(tiny_shards / "val"),
+            "--max-dets", "150",
+            "--score-thresholds", "0", "0.01",
+            "--use-gpu", "false",
+            "--num-cpus-per-replica", "0.5",
+            "--out", str(tmp_path / "results.json"),
+            "--metrics-out", str(tmp_path / "metrics.json"),
+        ]
+    )  # fmt: skip
+    metrics, per_threshold = job.main(args)
+    out = capsys.readouterr().out
+    assert "| segm @150 |" in out and "| score >= |" in out
+    assert isinstance(json.loads((tmp_path / "results.json").read_text()), list)
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["metrics"]["segm/AP@150"] == metrics["segm/AP@150"]
+    assert list(saved["per_threshold"]) == ["0.0", "0.01"] and list(per_threshold) == [0.0, 0.01]
+    assert saved["params"]["segm"]["maxDets"] == [1, 10, 100, 150]
+
+
+def test_refuses_mlflow_uris_and_json_without_images(tmp_path):
+    job = _job()
+    with pytest.raises(InferenceError, match="MLflow model URIs are not supported yet"):
+        job.resolve_checkpoint("models:/pep@champion")
+    (tmp_path / "a.json").write_text("{}")
+    args = job.get_args_parser().parse_args(
+        ["--checkpoint", "x.pt", "--data", str(tmp_path / "a.json")]
+    )
+    with pytest.raises(InferenceError, match="needs --images"):
+        job.resolve_shards(args, tmp_path / "x.pt")
