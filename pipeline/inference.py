@@ -1,6 +1,6 @@
 """Distributed inference with Ray Data and COCO evaluation of a PEP checkpoint.
 
-    results = predict_dataset(open_shards(shards), checkpoint, category_map, num_replicas=2)
+    results = predict_dataset(open_shards(shards), checkpoint, category_map(shards), num_replicas=2)
     metrics, per_threshold = evaluate_checkpoint(checkpoint, shards, max_dets=400,
                                                  score_thresholds=[0.05, 0.1, 0.3])
 
@@ -32,12 +32,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
 import ray
 import torch
 from PIL import Image
 
 import pep_model
 from pep_model import Config, ModelConfig
+from pipeline.coco import CategoryMap
 from pipeline.evaluate import (
     COCO_MAX_DETS,
     coco_from_annotations,
@@ -45,6 +47,8 @@ from pipeline.evaluate import (
     evaluate_thresholds,
     predictions_to_coco_results,
 )
+from pipeline.prepare import read_manifest
+from pipeline.reader import open_shards, shard_files
 
 logger = logging.getLogger(__name__)
 
@@ -198,7 +202,8 @@ class PEPPredictor:
 
     Args:
         checkpoint: any `Checkpoint` form; an ObjectRef is fetched from the object store.
-        contiguous_to_coco: contiguous class id (1..C) -> COCO category id.
+        contiguous_to_coco: contiguous class id (1..C) -> COCO category id (a dict or a
+            `pipeline.coco.CategoryMap`).
         config: optional model config replacing the checkpoint's (see `load_model`).
         score_threshold, max_instances: the model's inference params (None: keep config's).
         use_gpu: run on this replica's GPU.
@@ -216,7 +221,7 @@ class PEPPredictor:
         self.device = torch.device("cuda" if use_gpu else "cpu")
         self.model, self.config = load_model(checkpoint, config, self.device)
         _set_inference_params(self.model, score_threshold, max_instances)
-        self.to_coco = {int(k): int(v) for k, v in contiguous_to_coco.items()}
+        self.to_coco = as_coco_map(contiguous_to_coco)
         _check_classes(self.config.model, self.to_coco)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -226,6 +231,13 @@ class PEPPredictor:
             "num_instances": np.array([len(r) for _, r in per_image], dtype=np.int64),
             "results": np.array([json.dumps(r) for _, r in per_image], dtype=object),
         }
+
+
+def as_coco_map(category_map: Any) -> dict[int, int]:
+    """Contiguous id -> COCO id from a dict or a `pipeline.coco.CategoryMap`."""
+    if hasattr(category_map, "coco_ids"):
+        return {k + 1: int(coco_id) for k, coco_id in enumerate(category_map.coco_ids)}
+    return {int(k): int(v) for k, v in dict(category_map).items()}
 
 
 def _check_classes(model_cfg: ModelConfig, to_coco: Mapping[int, int]) -> None:
@@ -250,7 +262,7 @@ def _gather(rows: Iterable[tuple[int, list[dict[str, Any]]]]) -> tuple[list[dict
 def predict_dataset(
     dataset: ray.data.Dataset,
     checkpoint: Checkpoint,
-    contiguous_to_coco: Mapping[int, int],
+    contiguous_to_coco: Mapping[int, int] | Any,
     config: Config | ModelConfig | None = None,
     batch_size: int = 4,
     num_replicas: int = 1,
@@ -280,7 +292,7 @@ def predict_dataset(
         PEPPredictor,
         fn_constructor_kwargs={
             "checkpoint": ref,
-            "contiguous_to_coco": dict(contiguous_to_coco),
+            "contiguous_to_coco": as_coco_map(contiguous_to_coco),
             "config": config,
             "score_threshold": score_threshold,
             "max_instances": max_instances,
@@ -312,10 +324,8 @@ def _shards_setup(
     shards_dir: str | os.PathLike, gt_annotations: str | os.PathLike | None
 ) -> tuple[dict[int, int], Path, dict[str, Any]]:
     """(contiguous -> COCO id map, ground-truth annotation file, manifest) of a shards folder."""
-    from pipeline.prepare import read_manifest  # the shard format's owner
-
     manifest = read_manifest(shards_dir)
-    to_coco = {int(c["contiguous_id"]): int(c["coco_id"]) for c in manifest["categories"]}
+    to_coco = as_coco_map(CategoryMap.from_dict(manifest["categories"]))
     if gt_annotations is None:
         source = manifest.get("source", {}).get("annotations")
         if not source:
@@ -416,8 +426,6 @@ def evaluate_checkpoint(
     the original annotation file (`gt_annotations`, default: the manifest's source) over
     the images in the shards. `results_path` also writes the COCO results JSON.
     """
-    from pipeline.reader import open_shards
-
     to_coco, gt_path, _ = _shards_setup(shards_dir, gt_annotations)
     score_threshold, cap = _prediction_settings(
         max_instances, max_dets, score_threshold, score_thresholds
@@ -438,10 +446,6 @@ def evaluate_checkpoint(
 
 
 def _local_rows(shards_dir: str | os.PathLike, batch_size: int) -> Iterator[dict[str, list]]:
-    import pyarrow.parquet as pq
-
-    from pipeline.reader import shard_files
-
     for path in shard_files(shards_dir):
         parquet = pq.ParquetFile(path)
         for record_batch in parquet.iter_batches(batch_size=batch_size, columns=INFERENCE_COLUMNS):
