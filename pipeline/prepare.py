@@ -530,13 +530,15 @@ def process_image(
         return _reject_image(rec, anns, "missing_file", "missing file")
     except OSError as e:
         return _reject_image(rec, anns, "unreadable_file", f"unreadable file: {e}")
+    buffer = io.BytesIO(raw)
     try:
-        image = Image.open(io.BytesIO(raw))
+        image = Image.open(buffer)
         image.load()  # raises on truncated data
         source_format = image.format
     except Exception as e:  # PIL raises many types for corrupt files; the reason says which
+        message = str(e).replace(repr(buffer), repr(rec["file_name"]))  # no memory address
         return _reject_image(
-            rec, anns, "undecodable_image", f"undecodable image: {type(e).__name__}: {e}"
+            rec, anns, "undecodable_image", f"undecodable image: {type(e).__name__}: {message}"
         )
     if image.size != (rec["width"], rec["height"]):
         return _reject_image(
