@@ -170,7 +170,8 @@ def predictions_to_coco_results(
     predictions[i] is the model's eval output for image i: `labels` [K] (contiguous 1..C),
     `scores` [K], `masks` bool [K,h,w] at the model input size, `boxes` [K,4] xyxy at the
     same size. `orig_sizes[i]` is (height, width) of the original image. Each instance gives
-    one result {image_id, category_id (COCO id), segmentation (RLE), bbox [x,y,w,h], score}.
+    one result {image_id, category_id (COCO id), segmentation (RLE), bbox [x,y,w,h], score};
+    the bbox is the tight box of the mask at the original size (PEP has no box head).
     """
     if not len(predictions) == len(image_ids) == len(orig_sizes):
         raise EvaluationError(
@@ -203,17 +204,23 @@ def predictions_to_coco_results(
             continue
         in_h, in_w = masks.shape[-2:]
         rles = encode_masks(resize_masks(masks, (height, width)))
+        # The box of the mask at the original size (COCO convention, w = columns covered);
+        # the model's box, scaled, only where the resized mask came out empty.
+        mask_boxes = mask_utils.toBbox(rles)  # K x 4, xywh
         scale = np.array([width / in_w, height / in_h, width / in_w, height / in_h])
         xyxy = boxes * scale
         xyxy[:, 0::2] = xyxy[:, 0::2].clip(0, width)
         xyxy[:, 1::2] = xyxy[:, 1::2].clip(0, height)
-        for label, score, rle, (x0, y0, x1, y1) in zip(labels, scores, rles, xyxy):
+        scaled_boxes = np.concatenate([xyxy[:, :2], xyxy[:, 2:] - xyxy[:, :2]], axis=1)
+        empty = mask_utils.area(rles) == 0
+        bboxes = np.where(empty[:, None], scaled_boxes, mask_boxes)
+        for label, score, rle, bbox in zip(labels, scores, rles, bboxes):
             results.append(
                 {
                     "image_id": int(image_id),
                     "category_id": to_coco[int(label)],
                     "segmentation": rle,
-                    "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
+                    "bbox": [float(v) for v in bbox],
                     "score": float(score),
                 }
             )

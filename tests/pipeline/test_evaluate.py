@@ -280,6 +280,20 @@ def test_predictions_to_coco_results_at_original_size():
     json.dumps(results)  # JSON-ready
 
 
+def test_mask_vanishing_at_original_size_keeps_the_scaled_box():
+    masks = np.zeros((1, 40, 40), dtype=bool)
+    masks[0, 20, 20] = True  # one pixel at the model input size, gone at a quarter size
+    prediction = {
+        "labels": np.array([1]),
+        "scores": np.array([0.5]),
+        "masks": masks,
+        "boxes": np.array([[20.0, 20.0, 21.0, 21.0]]),
+    }
+    (result,) = predictions_to_coco_results([prediction], [1], [(10, 10)], {1: 1})
+    assert mask_utils.area(result["segmentation"]) == 0
+    assert result["bbox"] == pytest.approx([5.0, 5.0, 0.25, 0.25])
+
+
 def test_predictions_to_coco_results_rejects_unknown_label():
     prediction = {
         "labels": np.array([4]),
