@@ -1,5 +1,12 @@
-"""PEP: Perceive, Excavate and Purify — the network, its losses and post-processing (pure PyTorch)."""
+"""PEP: Perceive, Excavate and Purify — network, losses, post-processing (pure PyTorch)."""
 
+from pep_model.build import (
+    CheckpointError,
+    build_model,
+    load_checkpoint,
+    read_checkpoint,
+    save_checkpoint,
+)
 from pep_model.config import (
     Config,
     ConfigError,
@@ -12,8 +19,15 @@ from pep_model.config import (
     load_config,
     save_config,
 )
+from pep_model.pep import PEP
 
 __all__ = [
+    "PEP",
+    "CheckpointError",
+    "build_model",
+    "load_checkpoint",
+    "read_checkpoint",
+    "save_checkpoint",
     "Config",
     "ConfigError",
     "DataConfig",

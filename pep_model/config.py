@@ -64,6 +64,10 @@ class ModelConfig:
     nms_kernel: str = "gaussian"  # Matrix NMS decay: gaussian | linear
     nms_sigma: float = 2.0
     max_instances: int = 100
+    # Added by the model (pep_model/): widths of the small heads and one inference switch.
+    excavate_channels: int = 64  # width of the shared excavating feature F_E
+    purify_embed_dim: int = 64  # width of the purifying embedding whose cosine gives M
+    point_nms: bool = True  # keep only 3x3 local maxima of class scores as original descriptors
 
 
 @dataclass

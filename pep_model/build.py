@@ -1,0 +1,112 @@
+"""Builders: `build_model(ModelConfig) -> PEP`, and checkpoints as plain data.
+
+A checkpoint is `{"model": state_dict, "config": config_to_dict(Config), **extra}` written
+with `torch.save` and read with `torch.load(..., weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pep_model.backbone import Backbone
+from pep_model.config import Config, ModelConfig, config_from_dict, config_to_dict
+from pep_model.excavating import ObjectExcavating
+from pep_model.mask_learning import MaskFeature
+from pep_model.pep import PEP
+from pep_model.perceiving import SemanticsPerceiving
+from pep_model.purifying import InstancePurifying
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is missing or not a PEP checkpoint."""
+
+
+def build_model(config: ModelConfig) -> PEP:
+    """Build PEP from its config; switched-off parts (excavate/purify) are not constructed."""
+    if config.mask_channels != config.descriptor_dim:
+        raise ValueError(
+            f"model.mask_channels ({config.mask_channels}) must equal model.descriptor_dim "
+            f"({config.descriptor_dim}): a descriptor is a 1x1 kernel over the mask feature B"
+        )
+    if config.mask_stride not in (4, 8):
+        raise ValueError(f"model.mask_stride must be 4 or 8, got {config.mask_stride}")
+    backbone = Backbone(
+        config.backbone, config.fpn_channels, config.norm, config.trainable_layers,
+        config.pretrained_path,
+    )
+    if len(config.scale_ranges) != len(backbone.strides):
+        raise ValueError(
+            f"model.scale_ranges needs one [lo, hi] per FPN level P2..P6 "
+            f"({len(backbone.strides)}), got {len(config.scale_ranges)}"
+        )
+    perceiving = SemanticsPerceiving(
+        config.fpn_channels, config.num_classes, config.head_channels, config.tower_convs,
+        config.descriptor_dim,
+    )
+    fused = tuple(s for s in backbone.strides if s <= 32)
+    mask_feature = MaskFeature(config.fpn_channels, config.mask_channels, config.mask_stride,
+                               fused)
+    excavating = (
+        ObjectExcavating(config.mask_channels, config.descriptor_dim, config.num_classes,
+                         config.excavate_channels)
+        if config.excavate else None
+    )
+    purifying = (
+        InstancePurifying(config.descriptor_dim, config.purify_embed_dim) if config.purify else None
+    )
+    return PEP(backbone, perceiving, mask_feature, excavating, purifying, config)
+
+
+def _as_config(config: Config | ModelConfig) -> Config:
+    if isinstance(config, ModelConfig):
+        return Config(model=config)
+    if isinstance(config, Config):
+        return config
+    raise TypeError(f"expected a Config or ModelConfig, got {type(config).__name__}")
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, config: Config | ModelConfig,
+                    **extra: Any) -> None:
+    """Write `{"model": state_dict, "config": ..., **extra}`; extras must be plain data
+    (numbers, strings, lists, dicts, tensors, e.g. an optimizer state_dict)."""
+    model = getattr(model, "module", model)  # unwrap DDP
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    payload = {**extra, "model": state, "config": config_to_dict(_as_config(config))}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The raw checkpoint dict (model state, config dict, extras), loaded weights_only."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - re-raised with the file name
+        raise CheckpointError(f"{path}: cannot read checkpoint: {e}") from e
+    if not isinstance(payload, dict) or "model" not in payload or "config" not in payload:
+        raise CheckpointError(f"{path}: not a PEP checkpoint (needs 'model' and 'config' keys)")
+    return payload
+
+
+def load_checkpoint(path: str | Path) -> tuple[PEP, Config]:
+    """Rebuild the model from a checkpoint's config, load its weights; returns it in eval()."""
+    payload = read_checkpoint(path)
+    config = config_from_dict(payload["config"])
+    # the weights come from the checkpoint, not from the backbone's pretrained file
+    model = build_model(dataclasses.replace(config.model, pretrained_path=None))
+    try:
+        model.load_state_dict(payload["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: weights do not match its config: {e}") from e
+    model.eval()
+    return model, config

@@ -1,0 +1,389 @@
+"""PEP (Perceive, Excavate and Purify): the composing module.
+
+`PEP.forward(images, targets)` returns the Eq. 8 loss terms in training and per-image
+instances in eval, split like detectron2's GeneralizedRCNN: `preprocess` (normalise + pad
+with the backbone's `size_divisibility`), `losses`, `inference` and `postprocess`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import masks_to_boxes
+
+from pep_model.backbone import Backbone
+from pep_model.config import ModelConfig
+from pep_model.excavating import (
+    ObjectExcavating,
+    excavate_targets,
+    find_key_pixels,
+    heat_loss,
+    neighbour_matrix,
+    sample_training_keys,
+)
+from pep_model.mask_learning import MaskFeature, downsample_masks, mask_logits, mask_loss
+from pep_model.perceiving import (
+    SemanticsPerceiving,
+    cell_centres,
+    centre_regions,
+    flatten_levels,
+    level_cells,
+    mass_centres,
+    perceive_loss,
+    perceive_targets,
+    point_nms,
+)
+from pep_model.postprocess import group_by_similarity, matrix_nms, merge_groups
+from pep_model.purifying import InstancePurifying, graph_loss, graph_targets
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# ModelConfig fields that may be changed after building (post-processing only).
+INFERENCE_PARAMS = (
+    "score_threshold", "pre_topk", "excavate_threshold", "excavate_topk", "purify_threshold",
+    "mask_threshold", "nms_kernel", "nms_sigma", "max_instances", "point_nms",
+)
+
+
+def batch_images(
+    images: list[Tensor], size_divisibility: int
+) -> tuple[Tensor, list[tuple[int, int]]]:
+    """Pad C x H_i x W_i tensors (zeros, bottom/right) into one B x C x H x W batch whose
+    H, W are multiples of `size_divisibility` (detectron2's ImageList.from_tensors)."""
+    sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
+    max_h = max(h for h, _ in sizes)
+    max_w = max(w for _, w in sizes)
+    div = size_divisibility
+    pad_h, pad_w = math.ceil(max_h / div) * div, math.ceil(max_w / div) * div
+    batch = images[0].new_zeros((len(images), images[0].shape[0], pad_h, pad_w))
+    for b, im in enumerate(images):
+        batch[b, :, : im.shape[-2], : im.shape[-1]] = im
+    return batch, sizes
+
+
+def _empty_result(height: int, width: int, device: torch.device) -> dict[str, Tensor]:
+    return {
+        "labels": torch.zeros(0, dtype=torch.int64, device=device),
+        "scores": torch.zeros(0, dtype=torch.float32, device=device),
+        "masks": torch.zeros((0, height, width), dtype=torch.bool, device=device),
+        "boxes": torch.zeros((0, 4), dtype=torch.float32, device=device),
+    }
+
+
+class PEP(nn.Module):
+    """The PEP instance segmentation network (paper Fig. 2).
+
+    Args:
+        backbone: ResNet + FPN (P2..P6) exposing `strides` and `size_divisibility`.
+        perceiving: semantics perceiving head (P_s, D_s).
+        mask_feature: general feature branch B.
+        excavating: object excavating subnetwork, or None (Table 2 "excavate" off).
+        purifying: instance purifying graph, or None (off: Matrix NMS removes duplicates).
+        config: the model config (targets, loss weights, post-processing thresholds).
+
+    Loss dict: every term is already multiplied by its Eq. 8 weight (alpha..delta), so
+    `sum(losses.values())` is the training objective. Terms of switched-off parts are absent.
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        perceiving: SemanticsPerceiving,
+        mask_feature: MaskFeature,
+        excavating: ObjectExcavating | None,
+        purifying: InstancePurifying | None,
+        config: ModelConfig,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.perceiving = perceiving
+        self.mask_feature = mask_feature
+        self.excavating = excavating
+        self.purifying = purifying
+        self.config = dataclasses.replace(config)
+        self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(3, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(3, 1, 1), False)
+
+    @property
+    def size_divisibility(self) -> int:
+        return self.backbone.size_divisibility
+
+    def set_inference_params(self, **params) -> None:
+        """Change post-processing thresholds/caps, e.g. `score_threshold=0.05, max_instances=400`.
+
+        Allowed: see INFERENCE_PARAMS. Raises ValueError on any other name.
+        """
+        unknown = sorted(set(params) - set(INFERENCE_PARAMS))
+        if unknown:
+            raise ValueError(f"set_inference_params: unknown {unknown}; allowed {INFERENCE_PARAMS}")
+        self.config = dataclasses.replace(self.config, **params)
+
+    def preprocess(self, images: list[Tensor]) -> tuple[Tensor, list[tuple[int, int]]]:
+        """Normalise 3 x H x W images in 0..1 and pad them into one batch."""
+        device = self.pixel_mean.device
+        normed = [(im.to(device) - self.pixel_mean) / self.pixel_std for im in images]
+        return batch_images(normed, self.size_divisibility)
+
+    def forward(
+        self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None
+    ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
+        """Training: dict of weighted loss terms. Eval: per image {labels, scores, masks, boxes}."""
+        if self.training and targets is None:
+            raise ValueError("PEP in training mode needs targets")
+        batch, sizes = self.preprocess(images)
+        features = self.backbone(batch)
+        strides = self.backbone.strides
+        cls_maps, desc_maps = self.perceiving(features, strides)
+        general = self.mask_feature(features)  # B x D x h x w
+        if self.training:
+            return self.losses(batch, cls_maps, desc_maps, general, targets)
+        return self.inference(sizes, cls_maps, desc_maps, general)
+
+    # ------------------------------------------------------------------ training
+    def losses(
+        self,
+        batch: Tensor,
+        cls_maps: list[Tensor],
+        desc_maps: list[Tensor],
+        general: Tensor,
+        targets: list[dict[str, Tensor]],
+    ) -> dict[str, Tensor]:
+        """Eq. 1-8 for a batch: targets per image, descriptors pooled over the batch."""
+        cfg = self.config
+        device = batch.device
+        strides = self.backbone.strides
+        pad_h, pad_w = batch.shape[-2:]
+        ms = cfg.mask_stride
+        mh, mw = general.shape[-2:]
+        level_shapes = [tuple(m.shape[-2:]) for m in cls_maps]
+        cls_flat = flatten_levels(cls_maps)  # B x L x (C+1)
+        desc_flat = flatten_levels(desc_maps)  # B x L x D
+        positions, cell_strides = level_cells(level_shapes, strides, device)  # L x 2, L
+        key_xs, key_ys = cell_centres(mh, mw, ms, device)
+        key_grid = torch.stack([key_xs.repeat(mh), key_ys.repeat_interleave(mw)], 1)  # hw x 2
+        excavate_feature = (
+            self.excavating.shared_feature(general) if self.excavating is not None else None
+        )
+
+        cls_targets, mask_preds, mask_gts = [], [], []
+        heat_preds, heat_gts, mined_preds, mined_gts = [], [], [], []
+        pair_logits, pair_gts = [], []
+        for b, target in enumerate(targets):
+            labels = target["labels"].to(device)
+            boxes = target["boxes"].to(device).float()
+            n = labels.shape[0]
+            masks = target["masks"].to(device).bool()
+            padded = torch.zeros((n, pad_h, pad_w), dtype=torch.bool, device=device)
+            padded[:, : masks.shape[1], : masks.shape[2]] = masks
+            crowd = target.get("iscrowd")
+            crowd = (
+                torch.zeros(n, dtype=torch.bool, device=device)
+                if crowd is None else crowd.to(device).bool()
+            )
+            cls_t, ids_t = perceive_targets(
+                labels, boxes, padded, crowd, level_shapes, strides, cfg.scale_ranges,
+                cfg.center_radius,
+            )
+            cls_targets.append(cls_t)
+
+            # original descriptors: the GT-positive cells, sub-sampled
+            pos = (ids_t >= 0).nonzero().squeeze(1)  # N_ori
+            if pos.numel() > cfg.max_train_descriptors:
+                pos = pos[torch.randperm(pos.numel(), device=device)[: cfg.max_train_descriptors]]
+            descriptors = desc_flat[b, pos]  # N_ori x D
+            locations = positions[pos]  # N_ori x 2
+            loc_strides = cell_strides[pos]  # N_ori
+            instance_ids = ids_t[pos]  # N_ori
+            gt_small = downsample_masks(padded, ms)  # M x h x w
+
+            if self.excavating is not None:
+                centres = mass_centres(padded)
+                valid = (~crowd) & (centres[:, 0] >= 0)
+                centre_maps = centre_regions(padded, boxes, centres, mh, mw, ms, cfg.center_radius)
+                centre_maps &= valid[:, None, None]
+                neighbours = neighbour_matrix(boxes, valid, cfg.neighbour_expand)  # M x M
+                heat = self.excavating.heat_maps(
+                    descriptors, locations, loc_strides, excavate_feature[b], ms
+                )  # N_ori x h x w
+                heat_preds.append(heat.flatten())
+                heat_gts.append(excavate_targets(instance_ids, neighbours, centre_maps).flatten())
+                orig, target_ids, cells = sample_training_keys(
+                    instance_ids, neighbours, centre_maps, cfg.max_train_mined
+                )
+                key_positions = key_grid[cells]  # K x 2
+                mined, mined_logits = self.excavating.mine(
+                    descriptors[orig], locations[orig], loc_strides[orig], key_positions
+                )
+                mined_preds.append(mined_logits)
+                mined_gts.append(labels[target_ids])
+                descriptors = torch.cat([descriptors, mined])  # N_all x D
+                locations = torch.cat([locations, key_positions])
+                instance_ids = torch.cat([instance_ids, target_ids])
+
+            mask_preds.append(mask_logits(descriptors, general[b]))  # N_all x h x w
+            mask_gts.append(gt_small[instance_ids])
+
+            if self.purifying is not None:
+                logits = self.purifying(descriptors, locations)  # N_all x N_all
+                off_diag = ~torch.eye(logits.shape[0], dtype=torch.bool, device=device)
+                pair_logits.append(logits[off_diag])
+                pair_gts.append(graph_targets(instance_ids)[off_diag])
+
+        num_logits = cls_flat.shape[-1]
+        losses = {
+            "loss_perceive": perceive_loss(
+                cls_flat.reshape(-1, num_logits), torch.cat(cls_targets), cfg.cls_loss
+            )
+        }
+        if self.excavating is not None:
+            losses["loss_excavate"] = cfg.alpha * heat_loss(
+                torch.cat(heat_preds), torch.cat(heat_gts), cfg.cls_loss
+            )
+            mined_logits = torch.cat(mined_preds)
+            mined_loss = (
+                F.cross_entropy(mined_logits, torch.cat(mined_gts))
+                if mined_logits.shape[0] > 0 else mined_logits.sum() * 0
+            )
+            losses["loss_mined_cls"] = cfg.beta * mined_loss
+        if self.purifying is not None:
+            losses["loss_graph"] = cfg.gamma * graph_loss(torch.cat(pair_logits),
+                                                          torch.cat(pair_gts))
+        losses["loss_mask"] = cfg.delta * mask_loss(
+            torch.cat(mask_preds), torch.cat(mask_gts), cfg.mask_loss
+        )
+        return losses
+
+    # ------------------------------------------------------------------ inference
+    @torch.no_grad()
+    def inference(
+        self,
+        sizes: list[tuple[int, int]],
+        cls_maps: list[Tensor],
+        desc_maps: list[Tensor],
+        general: Tensor,
+    ) -> list[dict[str, Tensor]]:
+        """Per image: select original descriptors, excavate, purify or Matrix-NMS, masks."""
+        cfg = self.config
+        device = general.device
+        strides = self.backbone.strides
+        level_shapes = [tuple(m.shape[-2:]) for m in cls_maps]
+        fg_maps = [m.softmax(dim=1)[:, 1:] for m in cls_maps]  # B x C x h x w per level
+        if cfg.point_nms:
+            fg_maps = [point_nms(m) for m in fg_maps]
+        fg_flat = flatten_levels(fg_maps)  # B x L x C
+        desc_flat = flatten_levels(desc_maps)  # B x L x D
+        positions, cell_strides = level_cells(level_shapes, strides, device)
+        excavate_feature = (
+            self.excavating.shared_feature(general) if self.excavating is not None else None
+        )
+        results = []
+        for b, (height, width) in enumerate(sizes):
+            scores, labels = fg_flat[b].max(dim=1)  # L, L
+            inside = (positions[:, 0] < width) & (positions[:, 1] < height)
+            keep = ((scores > cfg.score_threshold) & inside).nonzero().squeeze(1)
+            if keep.numel() > cfg.pre_topk:
+                keep = keep[scores[keep].topk(cfg.pre_topk).indices]
+            scores, labels = scores[keep], labels[keep] + 1
+            descriptors, locations = desc_flat[b, keep], positions[keep]
+            if self.excavating is not None and keep.numel() > 0:
+                mined = self._excavate(
+                    descriptors, locations, cell_strides[keep], excavate_feature[b], (height, width)
+                )
+                descriptors = torch.cat([descriptors, mined[0]])
+                locations = torch.cat([locations, mined[1]])
+                scores = torch.cat([scores, mined[2]])
+                labels = torch.cat([labels, mined[3]])
+            results.append(
+                self.postprocess(descriptors, locations, scores, labels, general[b], height, width)
+            )
+        return results
+
+    def _excavate(
+        self, descriptors: Tensor, locations: Tensor, loc_strides: Tensor, feature: Tensor,
+        size: tuple[int, int],
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Mined descriptors of one image: (K x D, K x 2 key positions, K scores, K labels)."""
+        cfg = self.config
+        ms = cfg.mask_stride
+        _, mh, mw = feature.shape
+        heat = self.excavating.heat_maps(descriptors, locations, loc_strides, feature, ms)
+        valid_hw = (math.ceil(size[0] / ms), math.ceil(size[1] / ms))
+        orig, cells, heat_values = find_key_pixels(
+            heat.sigmoid(), cfg.excavate_threshold, cfg.excavate_topk, valid_hw
+        )
+        xs, ys = cell_centres(mh, mw, ms, feature.device)
+        key_positions = torch.stack([xs[cells % mw], ys[cells // mw]], dim=1)  # K x 2
+        mined, logits = self.excavating.mine(
+            descriptors[orig], locations[orig], loc_strides[orig], key_positions
+        )
+        cls_scores, cls_labels = logits.softmax(dim=1)[:, 1:].max(dim=1)
+        scores = heat_values * cls_scores
+        keep = (scores > cfg.score_threshold).nonzero().squeeze(1)
+        if keep.numel() > cfg.pre_topk:
+            keep = keep[scores[keep].topk(cfg.pre_topk).indices]
+        return mined[keep], key_positions[keep], scores[keep], cls_labels[keep] + 1
+
+    def postprocess(
+        self,
+        descriptors: Tensor,
+        locations: Tensor,
+        scores: Tensor,
+        labels: Tensor,
+        feature: Tensor,
+        height: int,
+        width: int,
+    ) -> dict[str, Tensor]:
+        """Masks, duplicate removal (purifying groups or Matrix NMS), rescoring, resizing.
+
+        Args:
+            descriptors: N_all x D; locations: N_all x 2; scores, labels: N_all.
+            feature: the image's general feature B, D x h x w.
+            height, width: the image's size (before padding).
+        """
+        cfg = self.config
+        device = feature.device
+        if descriptors.shape[0] == 0:
+            return _empty_result(height, width, device)
+        ms = cfg.mask_stride
+        vh, vw = math.ceil(height / ms), math.ceil(width / ms)
+        probs = mask_logits(descriptors, feature)[:, :vh, :vw].sigmoid()  # N x vh x vw
+        if self.purifying is not None:
+            similarity = self.purifying(descriptors, locations).sigmoid()  # N x N
+            groups = group_by_similarity(similarity, scores, cfg.purify_threshold)
+            scores, labels, probs = merge_groups(groups, scores, labels, probs)
+        binary = probs > cfg.mask_threshold
+        area = binary.flatten(1).sum(1).float()
+        keep = area > 0
+        scores, labels, probs, binary, area = (
+            scores[keep], labels[keep], probs[keep], binary[keep], area[keep]
+        )
+        # SOLOv2 "maskness": mean probability inside the binary mask
+        scores = scores * (probs * binary).flatten(1).sum(1) / area.clamp(min=1)
+        if self.purifying is None:
+            scores, labels, _, kept = matrix_nms(
+                binary, labels, scores, cfg.nms_kernel, cfg.nms_sigma, mask_area=area
+            )
+            probs = probs[kept]
+        keep = (scores > cfg.score_threshold).nonzero().squeeze(1)
+        keep = keep[scores[keep].argsort(descending=True)][: cfg.max_instances]
+        if keep.numel() == 0:
+            return _empty_result(height, width, device)
+        scores, labels, probs = scores[keep], labels[keep], probs[keep]
+        full = F.interpolate(probs[:, None], scale_factor=ms, mode="bilinear",
+                             align_corners=False)[:, 0, :height, :width]
+        masks = full > cfg.mask_threshold  # K x H x W
+        nonempty = masks.flatten(1).any(1)
+        masks, scores, labels = masks[nonempty], scores[nonempty], labels[nonempty]
+        if masks.shape[0] == 0:
+            return _empty_result(height, width, device)
+        return {
+            "labels": labels.to(torch.int64),
+            "scores": scores.float(),
+            "masks": masks,
+            "boxes": masks_to_boxes(masks).float(),
+        }
