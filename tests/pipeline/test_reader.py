@@ -21,7 +21,6 @@ from pipeline.reader import (
     collate,
     decode_batch,
     image_sizes,
-    iter_model_batches,
     local_batches,
     training_dataset,
 )
@@ -210,9 +209,3 @@ def test_torch_trainer_worker_sees_every_image(ray_session, tiny_shards, tmp_pat
     assert sorted(seen["ids"]) == sorted(image_sizes(train))  # every image exactly once
     assert result.metrics["images"] == len(image_sizes(train))
     assert seen["instances"] > 0
-
-
-def test_iter_model_batches_accepts_a_dataset(ray_session, tiny_shards):
-    ds = training_dataset(tiny_shards / "val", JITTER, seed=0, augment=False)
-    batches = list(iter_model_batches(ds, batch_size=3))
-    assert sum(len(images) for images, _ in batches) == len(image_sizes(tiny_shards / "val"))
