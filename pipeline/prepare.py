@@ -5,9 +5,11 @@ annotation JSON once on the driver (`pipeline.coco`), checks every record, group
 annotations per image, and hands one record per image to Ray Data (`from_items` +
 `map_batches`): the workers read and validate each image, convert it to RGB, resize it so
 the longer side is <= `max_size` (aspect kept), rasterise and resize its masks, and return
-one row per image with a status. Rejected rows are split out and listed in the manifest;
-the good ones are written with `write_parquet`, in input order, so the same input and
-config give the same shards.
+one row per image with a status. The processed rows are materialised once in the object
+store (Ray spills to disk beyond its size) so that the status columns can be gathered on
+the driver before the write; rejected rows are listed in the manifest and the good ones
+written with `write_parquet`, in input order, so the same input and config give the same
+shard files byte for byte.
 
 Layout of `out_dir`::
 
@@ -302,7 +304,6 @@ def _replace_dir(new: Path, target: Path) -> None:
 
 def _build(index: CocoIndex, images_dir: Path, tmp_dir: Path, config: PrepareConfig) -> dict:
     """Run the Ray Data pass, write the good rows, and return the manifest (sans source)."""
-    _ensure_ray()
     items = [
         {
             "index": rec.index,
@@ -321,6 +322,7 @@ def _build(index: CocoIndex, images_dir: Path, tmp_dir: Path, config: PrepareCon
         rows: list[dict[str, Any]] = []
         shards: list[dict[str, Any]] = []
         if items:
+            _ensure_ray()
             ds = ray.data.from_items(
                 items, override_num_blocks=max(1, math.ceil(len(items) / _IMAGES_PER_BLOCK))
             )
