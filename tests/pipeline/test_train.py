@@ -76,14 +76,27 @@ def test_checkpoints_load_and_existing_run_needs_resume(tiny_config, tiny_shards
 
 
 def _train_worker_pids() -> list[int]:
-    from ray.util.state import list_actors
+    """Pids of this Ray instance's live Ray Train worker processes (children of our raylet)."""
+    import psutil
+    import ray
 
-    actors = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
-    return [a.pid for a in actors if a.pid]
+    session_dir = ray._private.worker._global_node.get_session_dir_path()
+    pids = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if not cmdline.startswith("ray::RayTrainWorker"):
+            continue
+        try:
+            parents = " ".join(" ".join(p.cmdline()) for p in proc.parents())
+        except psutil.Error:
+            continue
+        if session_dir in parents:
+            pids.append(proc.pid)
+    return pids
 
 
 def test_killed_worker_restarts_from_last_checkpoint(tiny_config, tiny_shards, tmp_path):
-    cfg = tiny_config("train.epochs=4", "train.max_failures=2")
+    cfg = tiny_config("train.epochs=5", "train.max_failures=2")
     outcome: dict = {}
 
     def train():
@@ -96,7 +109,8 @@ def test_killed_worker_restarts_from_last_checkpoint(tiny_config, tiny_shards, t
 
     thread = threading.Thread(target=train)
     thread.start()
-    first = tmp_path / "killed" / "checkpoint_epoch_0000" / CHECKPOINT_FILE
+    # Once epoch 1's checkpoint is on storage, epoch 0's is registered with the controller.
+    first = tmp_path / "killed" / "checkpoint_epoch_0001" / CHECKPOINT_FILE
     deadline = time.time() + 300
     while not first.exists() and thread.is_alive() and time.time() < deadline:
         time.sleep(0.2)
@@ -107,7 +121,7 @@ def test_killed_worker_restarts_from_last_checkpoint(tiny_config, tiny_shards, t
     thread.join(timeout=600)
     assert "error" not in outcome, outcome.get("error")
     metrics = outcome["run"].result.metrics
-    assert metrics["epoch"] == 3  # completed the configured epochs
+    assert metrics["epoch"] == 4  # completed the configured epochs
     assert metrics["resumed_from"] >= 0  # the restarted worker group loaded a checkpoint
     assert _train_worker_pids() == [] or pids[0] not in _train_worker_pids()
 
