@@ -53,7 +53,7 @@ def build_model(config: ModelConfig) -> PEP:
                                fused)
     excavating = (
         ObjectExcavating(config.mask_channels, config.descriptor_dim, config.num_classes,
-                         config.excavate_channels)
+                         config.excavate_channels, config.excavate_local_descriptor)
         if config.excavate else None
     )
     purifying = (

@@ -66,6 +66,9 @@ class ModelConfig:
     max_instances: int = 100
     # Added by the model (pep_model/): widths of the small heads and one inference switch.
     excavate_channels: int = 64  # width of the shared excavating feature F_E
+    # mined descriptor MLP also sees the descriptor at the key pixel (measured: needed to learn
+    # the neighbours' masks; the copied descriptor + coordinates alone reach segm AP ~0.4)
+    excavate_local_descriptor: bool = True
     purify_embed_dim: int = 64  # width of the purifying embedding whose cosine gives M
     point_nms: bool = True  # keep only 3x3 local maxima of class scores as original descriptors
 

@@ -139,6 +139,8 @@ class ObjectExcavating(nn.Module):
         descriptor_dim: D.
         num_classes: C (mined classification has C+1 outputs).
         channels: width of the shared excavating feature F_E.
+        local_descriptor: also feed the descriptor found at the key pixel (on the original
+            descriptor's level) into the mined-descriptor MLP.
         prior_prob: initial heat-map probability (bias init).
     """
 
@@ -150,9 +152,11 @@ class ObjectExcavating(nn.Module):
         descriptor_dim: int,
         num_classes: int,
         channels: int = 64,
+        local_descriptor: bool = True,
         prior_prob: float = 0.01,
     ) -> None:
         super().__init__()
+        self.local_descriptor = local_descriptor
         self.feature = nn.Sequential(conv_gn_relu(in_channels, channels),
                                      nn.Conv2d(channels, channels, 1))
         # dynamic 1x1 conv weights: channels for F_E, num_basis for coords, 1 bias
@@ -163,7 +167,8 @@ class ObjectExcavating(nn.Module):
             self.heat_params.bias[channels + 2:channels + 4] = -1.0  # start peaked around self
             self.heat_params.bias[-1] = -math.log((1 - prior_prob) / prior_prob)
         self.mine_mlp = nn.Sequential(
-            nn.Linear(descriptor_dim + 4, descriptor_dim), nn.ReLU(inplace=True),
+            nn.Linear(descriptor_dim * (2 if local_descriptor else 1) + 4, descriptor_dim),
+            nn.ReLU(inplace=True),
             nn.Linear(descriptor_dim, descriptor_dim), nn.ReLU(inplace=True),
         )
         self.mined_descriptor = nn.Linear(descriptor_dim, descriptor_dim)
@@ -201,7 +206,8 @@ class ObjectExcavating(nn.Module):
         return heat.view(-1, h, w)
 
     def mine(
-        self, descriptors: Tensor, positions: Tensor, strides: Tensor, key_positions: Tensor
+        self, descriptors: Tensor, positions: Tensor, strides: Tensor, key_positions: Tensor,
+        local: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Mined descriptors from copies of the original ones and their key pixels.
 
@@ -209,10 +215,14 @@ class ObjectExcavating(nn.Module):
             descriptors: K x D copies of the original descriptors.
             positions: K x 2 their pixel locations; strides: K their level strides.
             key_positions: K x 2 key pixel locations.
+            local: K x D descriptors at the key pixels (needed iff `local_descriptor`).
         Returns:
             (K x D mined descriptors, K x (C+1) class logits).
         """
         offsets = (key_positions - positions) / (strides[:, None] * RELATIVE_SCALE)  # K x 2
-        x = torch.cat([descriptors, key_positions / COORD_SCALE, offsets], dim=1)
+        parts = [descriptors, key_positions / COORD_SCALE, offsets]
+        if self.local_descriptor:
+            parts.append(local)
+        x = torch.cat(parts, dim=1)
         hidden = self.mine_mlp(x)
         return self.mined_descriptor(hidden), self.mined_cls(hidden)

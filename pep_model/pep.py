@@ -29,6 +29,7 @@ from pep_model.mask_learning import MaskFeature, downsample_masks, mask_logits, 
 from pep_model.perceiving import (
     SemanticsPerceiving,
     cell_centres,
+    cells_at,
     centre_regions,
     flatten_levels,
     level_cells,
@@ -216,20 +217,23 @@ class PEP(nn.Module):
                     instance_ids, neighbours, centre_maps, cfg.max_train_mined
                 )
                 key_positions = key_grid[cells]  # K x 2
+                local = desc_flat[b, cells_at(key_positions, loc_strides[orig], level_shapes,
+                                              strides)]  # K x D
                 mined, mined_logits = self.excavating.mine(
-                    descriptors[orig], locations[orig], loc_strides[orig], key_positions
+                    descriptors[orig], locations[orig], loc_strides[orig], key_positions, local
                 )
                 mined_preds.append(mined_logits)
                 mined_gts.append(labels[target_ids])
                 descriptors = torch.cat([descriptors, mined])  # N_all x D
                 locations = torch.cat([locations, key_positions])
+                loc_strides = torch.cat([loc_strides, loc_strides[orig]])
                 instance_ids = torch.cat([instance_ids, target_ids])
 
             mask_preds.append(mask_logits(descriptors, general[b]))  # N_all x h x w
             mask_gts.append(gt_small[instance_ids])
 
             if self.purifying is not None:
-                logits = self.purifying(descriptors, locations)  # N_all x N_all
+                logits = self.purifying(descriptors, locations, loc_strides)  # N_all x N_all
                 off_diag = ~torch.eye(logits.shape[0], dtype=torch.bool, device=device)
                 pair_logits.append(logits[off_diag])
                 pair_gts.append(graph_targets(instance_ids)[off_diag])
@@ -290,24 +294,42 @@ class PEP(nn.Module):
                 keep = keep[scores[keep].topk(cfg.pre_topk).indices]
             scores, labels = scores[keep], labels[keep] + 1
             descriptors, locations = desc_flat[b, keep], positions[keep]
+            loc_strides = cell_strides[keep]
             if self.excavating is not None and keep.numel() > 0:
                 mined = self._excavate(
-                    descriptors, locations, cell_strides[keep], excavate_feature[b], (height, width)
+                    descriptors, locations, loc_strides, desc_flat[b], level_shapes,
+                    excavate_feature[b], (height, width),
                 )
                 descriptors = torch.cat([descriptors, mined[0]])
                 locations = torch.cat([locations, mined[1]])
-                scores = torch.cat([scores, mined[2]])
-                labels = torch.cat([labels, mined[3]])
-            results.append(
-                self.postprocess(descriptors, locations, scores, labels, general[b], height, width)
-            )
+                loc_strides = torch.cat([loc_strides, mined[2]])
+                scores = torch.cat([scores, mined[3]])
+                labels = torch.cat([labels, mined[4]])
+            results.append(self.postprocess(
+                descriptors, locations, loc_strides, scores, labels, general[b], height, width
+            ))
         return results
 
     def _excavate(
-        self, descriptors: Tensor, locations: Tensor, loc_strides: Tensor, feature: Tensor,
+        self,
+        descriptors: Tensor,
+        locations: Tensor,
+        loc_strides: Tensor,
+        all_descriptors: Tensor,
+        level_shapes: list[tuple[int, int]],
+        feature: Tensor,
         size: tuple[int, int],
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Mined descriptors of one image: (K x D, K x 2 key positions, K scores, K labels)."""
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """Mined descriptors of one image.
+
+        Returns (K x D descriptors, K x 2 key positions, K strides (of their original
+        descriptors' levels), K scores, K labels).
+
+        Args:
+            descriptors, locations, loc_strides: the N original descriptors of the image.
+            all_descriptors: L x D descriptors of every cell (`flatten_levels` order).
+            feature: F_E of the image; size: the image's (height, width).
+        """
         cfg = self.config
         ms = cfg.mask_stride
         _, mh, mw = feature.shape
@@ -318,20 +340,25 @@ class PEP(nn.Module):
         )
         xs, ys = cell_centres(mh, mw, ms, feature.device)
         key_positions = torch.stack([xs[cells % mw], ys[cells // mw]], dim=1)  # K x 2
+        local = all_descriptors[
+            cells_at(key_positions, loc_strides[orig], level_shapes, self.backbone.strides)
+        ]
         mined, logits = self.excavating.mine(
-            descriptors[orig], locations[orig], loc_strides[orig], key_positions
+            descriptors[orig], locations[orig], loc_strides[orig], key_positions, local
         )
         cls_scores, cls_labels = logits.softmax(dim=1)[:, 1:].max(dim=1)
         scores = heat_values * cls_scores
         keep = (scores > cfg.score_threshold).nonzero().squeeze(1)
         if keep.numel() > cfg.pre_topk:
             keep = keep[scores[keep].topk(cfg.pre_topk).indices]
-        return mined[keep], key_positions[keep], scores[keep], cls_labels[keep] + 1
+        strides = loc_strides[orig]
+        return mined[keep], key_positions[keep], strides[keep], scores[keep], cls_labels[keep] + 1
 
     def postprocess(
         self,
         descriptors: Tensor,
         locations: Tensor,
+        loc_strides: Tensor,
         scores: Tensor,
         labels: Tensor,
         feature: Tensor,
@@ -341,7 +368,8 @@ class PEP(nn.Module):
         """Masks, duplicate removal (purifying groups or Matrix NMS), rescoring, resizing.
 
         Args:
-            descriptors: N_all x D; locations: N_all x 2; scores, labels: N_all.
+            descriptors: N_all x D; locations: N_all x 2 pixels; loc_strides: N_all level
+                strides; scores, labels: N_all.
             feature: the image's general feature B, D x h x w.
             height, width: the image's size (before padding).
         """
@@ -353,7 +381,7 @@ class PEP(nn.Module):
         vh, vw = math.ceil(height / ms), math.ceil(width / ms)
         probs = mask_logits(descriptors, feature)[:, :vh, :vw].sigmoid()  # N x vh x vw
         if self.purifying is not None:
-            similarity = self.purifying(descriptors, locations).sigmoid()  # N x N
+            similarity = self.purifying(descriptors, locations, loc_strides).sigmoid()  # N x N
             groups = group_by_similarity(similarity, scores, cfg.purify_threshold)
             scores, labels, probs = merge_groups(groups, scores, labels, probs)
         binary = probs > cfg.mask_threshold

@@ -178,7 +178,7 @@ def perceive_loss(logits: Tensor, targets: Tensor, kind: str = "ce") -> Tensor:
 
 def conv_gn_relu(in_channels: int, out_channels: int) -> nn.Sequential:
     """3x3 conv + GroupNorm + ReLU, the building block of all head towers."""
-    groups = math.gcd(32, out_channels)
+    groups = math.gcd(32, max(out_channels // 8, 1))  # 32 groups at 256; >= 8 channels each
     return nn.Sequential(
         nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
         nn.GroupNorm(groups, out_channels),
@@ -252,6 +252,29 @@ def level_cells(
         positions.append(torch.stack([grid_x.flatten(), grid_y.flatten()], dim=1))
         cell_strides.append(torch.full((h * w,), float(stride), device=device))
     return torch.cat(positions), torch.cat(cell_strides)
+
+
+def cells_at(
+    points: Tensor, point_strides: Tensor, level_shapes: list[tuple[int, int]],
+    strides: list[int] | tuple[int, ...],
+) -> Tensor:
+    """Index (in `flatten_levels` order) of the cell holding each point on a given level.
+
+    Args:
+        points: K x 2 pixel (x, y); point_strides: K, the stride of the level to look on.
+    Returns:
+        K int64 indices.
+    """
+    device = points.device
+    heights = torch.tensor([h for h, _ in level_shapes], device=device)
+    widths = torch.tensor([w for _, w in level_shapes], device=device)
+    offsets = torch.cumsum(heights * widths, 0) - heights * widths
+    level_strides = torch.tensor(list(strides), device=device, dtype=point_strides.dtype)
+    level = (point_strides[:, None] == level_strides[None, :]).int().argmax(dim=1)  # K
+    offsets_t, widths_t, heights_t = offsets[level], widths[level], heights[level]
+    col = torch.minimum((points[:, 0] / point_strides).long().clamp(min=0), widths_t - 1)
+    row = torch.minimum((points[:, 1] / point_strides).long().clamp(min=0), heights_t - 1)
+    return offsets_t + row * widths_t + col
 
 
 def point_nms(scores: Tensor, kernel: int = 3) -> Tensor:

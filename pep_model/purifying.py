@@ -1,7 +1,9 @@
 """Instance purifying (paper Sec. 3.4, Fig. 4): a learned similarity graph over descriptors.
 
 All N_all descriptors of an image (original + mined) are nodes; the adjacency M[i, j] is
-the sigmoid of a scaled cosine similarity of projected descriptors (plus their positions),
+the sigmoid of a scaled cosine similarity of projected descriptors minus a learned multiple
+of their distance (in object sizes of their levels; without it, far-apart objects of one
+class that look alike got similarity ~1 and were merged),
 trained against G_M[i, j] = 1 iff i and j belong to the same instance (Eq. 5). At inference
 descriptors are grouped by M (`postprocess.group_by_similarity`) and each group is merged
 into one object (`postprocess.merge_groups`), which replaces NMS.
@@ -14,6 +16,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pep_model.perceiving import COORD_SCALE
+
+# Distances between descriptors are divided by RELATIVE_SCALE x sqrt(stride_i * stride_j).
+RELATIVE_SCALE = 8.0
 
 
 def graph_targets(instance_ids: Tensor) -> Tensor:
@@ -39,7 +44,7 @@ def graph_loss(logits: Tensor, targets: Tensor) -> Tensor:
 
 
 class InstancePurifying(nn.Module):
-    """Pairwise similarity M of descriptors: sigmoid(scale * cos(e_i, e_j) + bias).
+    """Pairwise similarity M = sigmoid(scale * cos(e_i, e_j) - w * dist_ij + bias).
 
     Args:
         descriptor_dim: D.
@@ -54,9 +59,14 @@ class InstancePurifying(nn.Module):
         )
         self.logit_scale = nn.Parameter(torch.tensor(10.0))
         self.logit_bias = nn.Parameter(torch.tensor(-5.0))
+        self.distance_weight = nn.Parameter(torch.tensor(2.0))
 
-    def forward(self, descriptors: Tensor, positions: Tensor) -> Tensor:
-        """descriptors: N x D, positions: N x 2 pixels -> N x N similarity logits."""
+    def forward(self, descriptors: Tensor, positions: Tensor, strides: Tensor) -> Tensor:
+        """descriptors: N x D, positions: N x 2 pixels, strides: N level strides
+        -> N x N similarity logits."""
         x = torch.cat([descriptors, positions / COORD_SCALE], dim=1)
         e = F.normalize(self.project(x), dim=1)  # N x E
-        return self.logit_scale * (e @ e.t()) + self.logit_bias
+        scale = RELATIVE_SCALE * (strides[:, None] * strides[None, :]).sqrt()  # N x N
+        distance = torch.cdist(positions, positions) / scale  # N x N
+        return (self.logit_scale * (e @ e.t()) - F.softplus(self.distance_weight) * distance
+                + self.logit_bias)

@@ -1,0 +1,143 @@
+"""Loss terms: finite, each back-propagates into its own head; ablation switches; builder checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_target, tiny_config
+from torchvision.models import resnet18
+
+from pep_model import build_model
+from pep_model.backbone import Backbone, PretrainedWeightsError
+
+ALL_KEYS = {"loss_perceive", "loss_excavate", "loss_mined_cls", "loss_graph", "loss_mask"}
+
+# the last layer of the head each loss term must reach
+HEAD_OF = {
+    "loss_perceive": "perceiving.cls_logits.weight",
+    "loss_excavate": "excavating.heat_params.weight",
+    "loss_mined_cls": "excavating.mined_cls.weight",
+    "loss_graph": "purifying.project.2.weight",
+    "loss_mask": "mask_feature.out.weight",
+}
+
+
+@pytest.fixture(scope="module")
+def full_model():
+    torch.manual_seed(0)
+    return build_model(tiny_config()).train()
+
+
+def test_every_loss_term_is_finite_and_reaches_its_own_head(full_model, crowded_batch):
+    images, targets = crowded_batch
+    losses = full_model(images, targets)
+    assert set(losses) == ALL_KEYS
+    params = dict(full_model.named_parameters())
+    for key, loss in losses.items():
+        assert loss.dim() == 0 and torch.isfinite(loss), key
+        full_model.zero_grad()
+        loss.backward(retain_graph=True)
+        grad = params[HEAD_OF[key]].grad
+        assert grad is not None and grad.abs().sum() > 0, f"{key} does not reach its head"
+        assert params["perceiving.descriptors.weight"].grad is not None or key == "loss_perceive"
+
+
+def test_losses_decrease_on_a_few_steps(crowded_batch):
+    torch.manual_seed(0)
+    model = build_model(tiny_config()).train()
+    images, targets = crowded_batch
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    totals = []
+    for _ in range(8):
+        total = sum(model(images, targets).values())
+        optimizer.zero_grad()
+        total.backward()
+        optimizer.step()
+        totals.append(float(total))
+    assert totals[-1] < totals[0]
+
+
+@pytest.mark.parametrize(
+    "excavate,purify,absent",
+    [
+        (False, False, {"loss_excavate", "loss_mined_cls", "loss_graph"}),
+        (True, False, {"loss_graph"}),
+        (False, True, {"loss_excavate", "loss_mined_cls"}),
+    ],
+)
+def test_switched_off_parts_have_no_loss_and_no_parameters(crowded_batch, excavate, purify,
+                                                           absent):
+    model = build_model(tiny_config(excavate=excavate, purify=purify)).train()
+    images, targets = crowded_batch
+    losses = model(images, targets)
+    assert set(losses) == ALL_KEYS - absent
+    names = [n for n, _ in model.named_parameters()]
+    assert any(n.startswith("excavating.") for n in names) == excavate
+    assert any(n.startswith("purifying.") for n in names) == purify
+    assert (model.excavating is not None) == excavate
+    assert (model.purifying is not None) == purify
+
+
+def test_images_without_targets_give_zero_losses_that_keep_the_graph(full_model):
+    images = [torch.rand(3, 64, 64), torch.rand(3, 48, 64)]
+    targets = [make_target(64, 64, []), make_target(48, 64, [])]
+    losses = full_model(images, targets)
+    assert set(losses) == ALL_KEYS
+    for key in ALL_KEYS - {"loss_perceive"}:
+        assert float(losses[key]) == 0.0, key
+    assert torch.isfinite(losses["loss_perceive"]) and losses["loss_perceive"] > 0
+    full_model.zero_grad()
+    sum(losses.values()).backward()  # must not raise
+
+
+def test_crowd_only_image_trains(full_model):
+    target = make_target(64, 64, [(1, 0, 0, 40, 40)], crowd=[True])
+    losses = full_model([torch.rand(3, 64, 64)], [target])
+    assert all(torch.isfinite(v) for v in losses.values())
+
+
+def test_loss_weights_scale_their_terms(crowded_batch):
+    images, targets = crowded_batch
+    torch.manual_seed(0)
+    base = build_model(tiny_config()).train()
+    torch.manual_seed(0)
+    weighted = build_model(tiny_config(delta=3.0, gamma=0.0)).train()
+    weighted.load_state_dict(base.state_dict())
+    torch.manual_seed(1)
+    a = base(images, targets)
+    torch.manual_seed(1)
+    b = weighted(images, targets)
+    assert torch.allclose(b["loss_mask"], 3 * a["loss_mask"], rtol=1e-4)
+    assert float(b["loss_graph"]) == 0.0
+    assert torch.allclose(b["loss_perceive"], a["loss_perceive"])
+
+
+def test_training_mode_requires_targets(full_model):
+    with pytest.raises(ValueError, match="targets"):
+        full_model([torch.rand(3, 64, 64)])
+
+
+def test_builder_rejects_mask_channels_different_from_descriptor_dim():
+    with pytest.raises(ValueError, match="mask_channels"):
+        build_model(tiny_config(mask_channels=16))
+
+
+def test_pretrained_backbone_weights_load_from_a_local_file(tmp_path):
+    torch.manual_seed(0)
+    reference = resnet18(weights=None)
+    path = tmp_path / "resnet18.pth"
+    torch.save(reference.state_dict(), path)
+    backbone = Backbone("resnet18", 32, norm="frozen_bn", pretrained_path=str(path))
+    body = backbone.fpn.body
+    assert torch.equal(body.conv1.weight, reference.conv1.weight)
+    assert torch.equal(body.layer1[0].bn1.running_var, reference.layer1[0].bn1.running_var)
+
+
+def test_missing_or_mismatched_pretrained_file_names_the_file(tmp_path):
+    missing = tmp_path / "nope.pth"
+    with pytest.raises(PretrainedWeightsError, match="nope.pth"):
+        Backbone("resnet18", 32, pretrained_path=str(missing))
+    wrong = tmp_path / "r18.pth"
+    torch.save(resnet18(weights=None).state_dict(), wrong)
+    with pytest.raises(PretrainedWeightsError, match="r18.pth"):
+        Backbone("resnet34", 32, pretrained_path=str(wrong))
