@@ -36,15 +36,15 @@ def default_tracking_uri(base_dir: str | Path | None = None) -> str:
     return f"sqlite:///{base / 'mlflow.db'}"
 
 
-def resolve_tracking_uri(uri: str | None = None) -> str:
-    """`--tracking-uri` flag, else `MLFLOW_TRACKING_URI`, else the local SQLite default."""
+def resolve_tracking_uri(uri: str | None = None, default_dir: str | Path | None = None) -> str:
+    """`--tracking-uri` flag, else `MLFLOW_TRACKING_URI`, else SQLite in `default_dir`."""
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
             # Make relative SQLite paths absolute: Ray workers run in other directories.
             uri = f"sqlite:///{Path(uri[len('sqlite:///') :]).resolve()}"
         return uri
-    return default_tracking_uri()
+    return default_tracking_uri(default_dir)
 
 
 def set_experiment(name: str, tracking_uri: str) -> str:
@@ -208,5 +208,7 @@ def log_pep_model(
             artifacts={"checkpoint": str(checkpoint_path), "categories": str(categories_path)},
             signature=ModelSignature(inputs=INPUT_SCHEMA, outputs=OUTPUT_SCHEMA),
             input_example=input_example,
-            code_paths=[str(Path(__file__).resolve().parent.parent / "pep_model")],
+            code_paths=[
+                str(Path(__file__).resolve().parent.parent / d) for d in ("pep_model", "pipeline")
+            ],
         )

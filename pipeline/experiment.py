@@ -1,0 +1,403 @@
+"""One PEP experiment end to end: data -> shards -> Ray Train -> COCO AP -> MLflow.
+
+`train_and_evaluate` is what `jobs/train_pep.py` runs (and what the sweep and ablation jobs
+call per trial): it resolves the data (generating the crowded-scenes default when needed),
+prepares or reuses shards, opens an MLflow run, trains with validation beside training,
+evaluates the last checkpoint on the val split, and logs the AP table, artifacts and a
+loadable model.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import ray
+import torch
+from PIL import Image
+
+from pep_model import Config, config_to_dict, load_checkpoint, save_config
+from pipeline import evaluate, inference, synth, tracking, visualize
+from pipeline.coco import CategoryMap
+from pipeline.prepare import PrepareConfig, prepare, read_manifest
+from pipeline.train import CHECKPOINT_FILE, TrainingRun, run_training
+
+logger = logging.getLogger(__name__)
+
+
+class DataError(ValueError):
+    """--data points at something that is neither shards nor a COCO folder."""
+
+
+@dataclass
+class DataSplits:
+    """Prepared train/val shards plus what evaluation needs."""
+
+    train_shards: str
+    val_shards: str
+    val_annotations: str  # the original COCO JSON of the val split (ground truth)
+    categories: CategoryMap
+    fingerprint: str  # identifies the evaluation set (val source fingerprint)
+    source: str
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def _prepare_split(annotations: Path, images: Path, out: Path, max_size: int) -> str:
+    result = prepare(annotations, images, out, PrepareConfig(max_size=max_size))
+    counts = result.manifest["counts"]
+    logger.info(
+        "%s shards %s: %d images (%d rejected), %d annotations (%d rejected)",
+        "reused" if result.reused else "built",
+        out,
+        counts["images_written"],
+        counts["images_rejected"],
+        counts["annotations_written"],
+        counts["annotations_rejected"],
+    )
+    return str(out)
+
+
+def resolve_data(data: str | None, cfg: Config, work_dir: str | Path) -> DataSplits:
+    """Shards for train/val from `--data` (shards root or COCO folder) or the generated default.
+
+    - None: the crowded-scenes generator writes `work_dir/data/crowded-...` once.
+    - a folder with `train/manifest.json` and `val/manifest.json`: used as is.
+    - a COCO folder with `train/annotations.json` + `train/images` (and `val/`): prepared
+      into `work_dir/shards/<name>-<max_size>/{train,val}` (reused when unchanged).
+    """
+    work_dir = Path(work_dir).resolve()
+    if data is None:
+        d = cfg.data
+        root = (
+            work_dir
+            / "data"
+            / (f"crowded-{d.generated_images}x{d.generated_size}-seed{cfg.train.seed}")
+        )
+        if not (root / "val" / "annotations.json").is_file():
+            logger.info("generating the crowded-scenes dataset in %s", root)
+            synth.make_dataset(
+                root,
+                images=d.generated_images,
+                size=d.generated_size,
+                seed=cfg.train.seed,
+                val_fraction=d.val_fraction,
+            )
+        data_path = root
+    else:
+        data_path = Path(data).resolve()
+    if (data_path / "train" / "manifest.json").is_file():
+        train, val = data_path / "train", data_path / "val"
+        if not (val / "manifest.json").is_file():
+            raise DataError(f"{data_path}: has train/ shards but no val/ shards (manifest.json)")
+    elif (data_path / "train" / "annotations.json").is_file():
+        out = work_dir / "shards" / f"{data_path.name}-{cfg.data.max_size}"
+        for split in ("train", "val"):
+            if not (data_path / split / "annotations.json").is_file():
+                raise DataError(f"{data_path / split}: no annotations.json")
+            _prepare_split(
+                data_path / split / "annotations.json",
+                data_path / split / "images",
+                out / split,
+                cfg.data.max_size,
+            )
+        train, val = out / "train", out / "val"
+    else:
+        raise DataError(
+            f"{data_path}: expected shards (train/manifest.json, val/manifest.json) or a COCO "
+            "folder (train/annotations.json + train/images, val/...)"
+        )
+    val_manifest = read_manifest(val)
+    return DataSplits(
+        train_shards=str(train),
+        val_shards=str(val),
+        val_annotations=val_manifest["source"]["annotations"],
+        categories=CategoryMap.from_dict(val_manifest["categories"]),
+        fingerprint=val_manifest["source"]["fingerprint"],
+        source=str(data_path),
+    )
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def validate_checkpoint(
+    checkpoint: ray.train.Checkpoint,
+    val_shards: str,
+    val_annotations: str,
+    max_dets: int,
+    run_id: str | None = None,
+    tracking_uri: str | None = None,
+) -> dict[str, float]:
+    """Ray Train validation function: segm/bbox AP of one checkpoint on the val split.
+
+    Runs as a separate Ray task beside the training workers (Ray Train's ValidationConfig),
+    so training does not wait for it; logs `val/...` metrics at the checkpoint's epoch.
+    """
+    with checkpoint.as_directory() as ckpt_dir:
+        state = torch.load(Path(ckpt_dir) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+        epoch = int(state["epoch"])
+        metrics = inference.evaluate_checkpoint_local(
+            Path(ckpt_dir) / CHECKPOINT_FILE, val_shards, val_annotations, max_dets=max_dets
+        )
+    scalars = {f"val/{k}": v for k, v in evaluate.scalar_metrics(metrics).items()}
+    scalars["val/epoch"] = epoch
+    if run_id and tracking_uri:
+        tracking.log_metrics_safely(run_id, scalars, step=epoch, tracking_uri=tracking_uri)
+    return scalars
+
+
+# ----------------------------------------------------------------------------- experiment
+
+
+@dataclass
+class ExperimentSummary:
+    """What a finished experiment produced (printed by the job)."""
+
+    run_id: str
+    tracking_uri: str
+    checkpoint: str
+    metrics: dict[str, Any]
+    thresholds: dict[float, dict[str, Any]] = field(default_factory=dict)
+    seconds: float = 0.0
+    model_uri: str | None = None
+
+    def report(self) -> str:
+        lines = [
+            "",
+            evaluate.format_ap_table(self.metrics),
+        ]
+        if self.thresholds:
+            lines += ["", "AP per score threshold (one inference pass):", ""]
+            lines.append(evaluate.format_threshold_table(self.thresholds))
+        ui = self.tracking_uri
+        lines += [
+            "",
+            f"MLflow run:  {self.run_id}",
+            f"model:       {self.model_uri}",
+            f"checkpoint:  {self.checkpoint}",
+            f"took:        {self.seconds:.0f} s",
+            f"look:        mlflow ui --backend-store-uri {ui}",
+        ]
+        return "\n".join(lines)
+
+
+def _overlays(checkpoint: str, val_shards: str, categories: CategoryMap, out_dir: Path, n: int):
+    """Draw predictions on the first `n` val images (PNG files in `out_dir`)."""
+    model, _ = load_checkpoint(checkpoint)
+    model.eval()
+    names = {k + 1: name for k, name in enumerate(categories.names)}
+    shard_files = sorted(Path(val_shards).glob("shard-*.parquet"))
+    table = pq.read_table(shard_files[0], columns=["image_id", "image"]).slice(0, n)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for row in table.to_pylist():
+        image = np.asarray(Image.open(io.BytesIO(row["image"])).convert("RGB"))
+        tensor = torch.from_numpy(image.copy()).permute(2, 0, 1).float() / 255
+        with torch.inference_mode():
+            (pred,) = model([tensor])
+        overlay = visualize.draw_overlay(
+            image,
+            pred["masks"].numpy(),
+            pred["labels"].tolist(),
+            pred["scores"].tolist(),
+            pred["boxes"].numpy(),
+            names,
+        )
+        path = out_dir / f"overlay_{row['image_id']}.png"
+        overlay.save(path)
+        paths.append(path)
+    return paths
+
+
+def _input_example(val_shards: str) -> pd.DataFrame:
+    """One encoded val image, the logged model's input example."""
+    shard = sorted(Path(val_shards).glob("shard-*.parquet"))[0]
+    row = pq.read_table(shard, columns=["image"]).slice(0, 1).to_pylist()[0]
+    return pd.DataFrame({"image": [row["image"]]})
+
+
+def _loss_plot(result: TrainingRun, path: Path) -> Path | None:
+    frame = result.result.metrics_dataframe
+    if frame is None or frame.empty:
+        return None
+    series = {
+        col: list(zip(frame["epoch"].astype(int), frame[col].astype(float)))
+        for col in frame.columns
+        if col.startswith("loss")
+    }
+    return visualize.plot_curves(series, path, "training losses per epoch", "epoch")
+
+
+def train_and_evaluate(
+    cfg: Config,
+    *,
+    data: str | None = None,
+    work_dir: str | Path = "work",
+    storage_path: str | None = None,
+    name: str | None = None,
+    resume: bool = False,
+    num_workers: int | None = None,
+    use_gpu: str | None = None,
+    tracking_uri: str | None = None,
+    experiment_name: str = "pep",
+    parent_run_id: str | None = None,
+    validate: bool = True,
+    log_model: bool = True,
+    overlays: int = 4,
+) -> ExperimentSummary:
+    """Data, training (Ray Train), evaluation (Ray Data + COCOeval) and MLflow for one run."""
+    start = time.perf_counter()
+    work_dir = Path(work_dir).resolve()
+    if not ray.is_initialized():
+        ray.init()  # joins RAY_ADDRESS (e.g. under `ray job submit`), else starts locally
+    splits = resolve_data(data, cfg, work_dir)
+    if cfg.model.num_classes != splits.categories.num_classes:
+        logger.warning(
+            "model.num_classes=%d but the data has %d classes; using the data's",
+            cfg.model.num_classes,
+            splits.categories.num_classes,
+        )
+        cfg.model.num_classes = splits.categories.num_classes
+    storage_path = storage_path or str(work_dir / "runs")
+    name = name or time.strftime("pep-%Y%m%d-%H%M%S")
+    tracking_uri = tracking.resolve_tracking_uri(tracking_uri, default_dir=work_dir)
+    tracking.set_experiment(experiment_name, tracking_uri)
+
+    tags = {
+        "git_commit": tracking.git_commit(),
+        "data_fingerprint": splits.fingerprint,
+        "data_source": splits.source,
+        "ray_run_name": name,
+        "storage_path": storage_path,
+    }
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
+    run = _find_run(experiment_name, name) if resume else None
+    with mlflow.start_run(
+        run_id=run.info.run_id if run else None,
+        run_name=None if run else name,
+        tags=tags,
+    ) as active:
+        run_id = active.info.run_id
+        if run is None:
+            mlflow.log_params(tracking.flatten(config_to_dict(cfg)))
+        with tempfile.TemporaryDirectory() as tmp_name:
+            tmp = Path(tmp_name)
+            save_config(cfg, tmp / "config.yaml")
+            mlflow.log_artifact(str(tmp / "config.yaml"))
+
+        validation = None
+        if validate:
+            validation = ray.train.v2.api.validation_config.ValidationConfig(
+                fn=validate_checkpoint,
+                task_config=ray.train.v2.api.validation_config.ValidationTaskConfig(
+                    fn_kwargs={
+                        "val_shards": splits.val_shards,
+                        "val_annotations": splits.val_annotations,
+                        "max_dets": cfg.eval.max_dets,
+                        "run_id": run_id,
+                        "tracking_uri": tracking_uri,
+                    }
+                ),
+                ray_remote_kwargs={"num_cpus": 0.5},
+            )
+        trained = run_training(
+            cfg,
+            splits.train_shards,
+            storage_path=storage_path,
+            name=name,
+            resume=resume,
+            num_workers=num_workers,
+            use_gpu=use_gpu,
+            validation_config=validation,
+            mlflow_run=(run_id, tracking_uri),
+        )
+        checkpoint = str(Path(trained.checkpoint_path) / CHECKPOINT_FILE)
+
+        metrics, per_threshold = inference.evaluate_checkpoint(
+            checkpoint,
+            splits.val_shards,
+            splits.val_annotations,
+            max_dets=cfg.eval.max_dets,
+            score_thresholds=cfg.eval.score_thresholds,
+            num_replicas=cfg.eval.num_replicas,
+            batch_size=cfg.eval.batch_size,
+            use_gpu=use_gpu if use_gpu is not None else cfg.train.use_gpu,
+        )
+        mlflow.log_metrics(
+            {k.replace("@", "_at_"): v for k, v in evaluate.scalar_metrics(metrics).items()}
+        )
+        for t, m in per_threshold.items():
+            mlflow.log_metric(
+                f"segm/AP_thr_{t:g}".replace(".", "_"), evaluate.scalar_metrics(m)["segm/AP"]
+            )
+        with tempfile.TemporaryDirectory() as tmp_name:
+            tmp = Path(tmp_name)
+            (tmp / "results.json").write_text(
+                json.dumps(
+                    {
+                        "metrics": evaluate.scalar_metrics(metrics),
+                        "per_threshold": {
+                            str(t): evaluate.scalar_metrics(m) for t, m in per_threshold.items()
+                        },
+                        "params": metrics.get("params"),
+                        "checkpoint": checkpoint,
+                    },
+                    indent=1,
+                )
+            )
+            (tmp / "ap_table.md").write_text(evaluate.format_ap_table(metrics) + "\n")
+            mlflow.log_artifact(str(tmp / "results.json"))
+            mlflow.log_artifact(str(tmp / "ap_table.md"))
+            if metrics.get("pr_curve"):
+                evaluate.plot_pr_curve(metrics["pr_curve"], tmp / "segm_pr_curve.png")
+                mlflow.log_artifact(str(tmp / "segm_pr_curve.png"), "plots")
+            if _loss_plot(trained, tmp / "losses.png"):
+                mlflow.log_artifact(str(tmp / "losses.png"), "plots")
+            if overlays:
+                for path in _overlays(
+                    checkpoint, splits.val_shards, splits.categories, tmp / "overlays", overlays
+                ):
+                    mlflow.log_artifact(str(path), "overlays")
+        model_uri = None
+        if log_model:
+            info = tracking.log_pep_model(
+                checkpoint,
+                {k + 1: n for k, n in enumerate(splits.categories.names)},
+                input_example=_input_example(splits.val_shards),
+            )
+            model_uri = info.model_uri
+            mlflow.set_tag("model_uri", model_uri)
+
+    return ExperimentSummary(
+        run_id=run_id,
+        tracking_uri=tracking_uri,
+        checkpoint=checkpoint,
+        metrics=metrics,
+        thresholds=per_threshold,
+        seconds=time.perf_counter() - start,
+        model_uri=model_uri,
+    )
+
+
+def _find_run(experiment_name: str, name: str):
+    """The MLflow run of an earlier attempt of run `name` (to continue it on --resume)."""
+    runs = mlflow.search_runs(
+        experiment_names=[experiment_name],
+        filter_string=f"tags.ray_run_name = '{name}'",
+        output_format="list",
+        max_results=1,
+    )
+    return runs[0] if runs else None

@@ -1,0 +1,114 @@
+"""jobs/train_pep.py end to end: data -> Ray Train -> COCO AP -> MLflow, read back."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import mlflow
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "jobs"))
+
+import train_pep  # noqa: E402
+
+TINY = [
+    "model.fpn_channels=32",
+    "model.head_channels=32",
+    "model.tower_convs=1",
+    "model.descriptor_dim=32",
+    "model.mask_channels=32",
+    "data.train_size=[96]",
+    "data.max_size=96",
+    "train.batch_size=2",
+    "train.warmup_iters=5",
+    "train.milestones=[100]",
+    "train.epochs=2",
+    "eval.every_epochs=1",
+]
+
+
+@pytest.fixture(scope="module")
+def finished_job(ray_session, tiny_coco, tmp_path_factory):
+    """One real run of the job on the tiny generated COCO folder (prepared on the fly)."""
+    work = tmp_path_factory.mktemp("job")
+    uri = f"sqlite:///{work / 'mlflow.db'}"
+    args = train_pep.get_args_parser().parse_args(
+        ["--data", str(tiny_coco), "--work-dir", str(work), "--tracking-uri", uri, "--name", "job"]
+        + [item for s in TINY for item in ("--set", s)]
+    )
+    assert train_pep.main(args) == 0
+    client = mlflow.MlflowClient(uri)
+    (run,) = client.search_runs(
+        [client.get_experiment_by_name("pep").experiment_id], "tags.ray_run_name = 'job'"
+    )
+    return work, uri, client, run
+
+
+def test_run_records_config_metrics_tags_and_artifacts(finished_job):
+    work, uri, client, run = finished_job
+    assert run.data.params["model.backbone"] == "resnet18"
+    assert run.data.params["train.epochs"] == "2"
+    assert run.data.tags["git_commit"]
+    assert len(run.data.tags["data_fingerprint"]) == 64
+    # per-epoch training metrics, logged by the rank-0 worker
+    for key in ("loss_perceive", "loss_excavate", "loss_mined_cls", "loss_graph", "loss_mask"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [0, 1]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "images_per_s")] == [0, 1]
+    # validation beside training (Ray Train ValidationConfig), one per epoch
+    val_steps = {m.step for m in client.get_metric_history(run.info.run_id, "val/segm/AP")}
+    assert val_steps == {0, 1}
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "results.json", "ap_table.md", "plots", "overlays"} <= artifacts
+    plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert plots == {"plots/losses.png", "plots/segm_pr_curve.png"}
+    assert len(client.list_artifacts(run.info.run_id, "overlays")) == 4
+    # the AP table in MLflow is the one in results.json
+    results = json.loads(
+        Path(client.download_artifacts(run.info.run_id, "results.json", str(work))).read_text()
+    )
+    for key in ("segm/AP", "segm/AP50", "bbox/AP", "segm/APs"):
+        assert run.data.metrics[key] == pytest.approx(results["metrics"][key])
+        assert 0.0 <= results["metrics"][key] <= 1.0 or results["metrics"][key] == -1
+
+
+def test_existing_name_without_resume_is_refused(finished_job, tiny_coco, capsys):
+    work, uri, _, _ = finished_job
+    args = train_pep.get_args_parser().parse_args(
+        ["--data", str(tiny_coco), "--work-dir", str(work), "--tracking-uri", uri, "--name", "job"]
+        + [item for s in TINY for item in ("--set", s)]
+    )
+    assert train_pep.main(args) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_logged_model_loads_in_a_fresh_process_and_predicts(finished_job, tiny_coco):
+    work, uri, client, run = finished_job
+    model_uri = run.data.tags["model_uri"]
+    image = sorted((tiny_coco / "val" / "images").glob("*.jpg"))[0]
+    script = textwrap.dedent(
+        f"""
+        import mlflow, pandas as pd, torch
+        real_load = torch.load
+        def checked_load(*args, **kwargs):
+            assert kwargs.get("weights_only") is True, kwargs
+            return real_load(*args, **kwargs)
+        torch.load = checked_load
+        mlflow.set_tracking_uri({uri!r})
+        model = mlflow.pyfunc.load_model({model_uri!r})
+        assert model.metadata.signature is not None
+        out = model.predict(pd.DataFrame({{"image": [open({str(image)!r}, "rb").read()]}}))
+        print(list(out.columns), len(out), set(out["height"]) | set(out["width"]) or {{96}})
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=work
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    line = done.stdout.strip().splitlines()[-1]
+    assert line.startswith("['image_index', 'label', 'category', 'score'")
+    assert line.endswith("{96}")
