@@ -33,12 +33,21 @@ from pipeline.evaluate import (  # noqa: E402
     scalar_metrics,
 )
 from pipeline.inference import InferenceError, evaluate_checkpoint  # noqa: E402
+from pipeline.predict import resolve_model_source  # noqa: E402
 from pipeline.prepare import PrepareConfig, PrepareError, prepare  # noqa: E402
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], add_help=add_help)
-    parser.add_argument("--checkpoint", required=True, help="PEP checkpoint file (.pt)")
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help="PEP checkpoint file (.pt), Ray Train checkpoint dir, or MLflow model URI "
+        "(models:/..., runs:/...)",
+    )
+    parser.add_argument(
+        "--tracking-uri", default=None, help="MLflow tracking URI for models:/ and runs:/ URIs"
+    )
     parser.add_argument(
         "--data", required=True, help="shards folder, or a COCO annotation JSON (with --images)"
     )
@@ -90,18 +99,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     return parser
 
 
-def resolve_checkpoint(value: str) -> Path:
-    """The local checkpoint file for `--checkpoint`.
-
-    MLflow model URIs (`models:/name@alias`, `runs:/<id>/model`) will be resolved here
-    (download the logged checkpoint, return its path); until then they are refused.
-    """
-    if value.startswith(("models:/", "runs:/", "mlflow-artifacts:/")):
-        raise InferenceError(f"{value}: MLflow model URIs are not supported yet; pass a file")
-    path = Path(value)
-    if not path.is_file():
-        raise InferenceError(f"{path}: checkpoint not found")
-    return path
+def resolve_checkpoint(value: str, tracking_uri: str | None = None) -> Path:
+    """The local checkpoint file for `--checkpoint`: a file, a Ray Train checkpoint directory,
+    or an MLflow model URI (`models:/name@alias`, `runs:/<id>/model`), downloaded."""
+    checkpoint, _ = resolve_model_source(value, tracking_uri)
+    return checkpoint
 
 
 def resolve_shards(args: argparse.Namespace, checkpoint: Path) -> Path:
@@ -127,7 +129,7 @@ def main(args: argparse.Namespace) -> tuple[dict, dict]:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if not ray.is_initialized():
         ray.init()  # joins RAY_ADDRESS when set, else starts a local instance
-    checkpoint = resolve_checkpoint(args.checkpoint)
+    checkpoint = resolve_checkpoint(args.checkpoint, args.tracking_uri)
     shards = resolve_shards(args, checkpoint)
     metrics, per_threshold = evaluate_checkpoint(
         str(checkpoint),
