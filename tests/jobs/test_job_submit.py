@@ -1,0 +1,138 @@
+"""The cluster path: `ray start --head` (token auth) + `ray job submit` of jobs/train_pep.py."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import mlflow
+import psutil
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+RAY = str(Path(sys.executable).parent / "ray")
+TINY = [
+    "model.fpn_channels=32",
+    "model.head_channels=32",
+    "model.tower_convs=1",
+    "model.descriptor_dim=32",
+    "model.mask_channels=32",
+    "data.train_size=[96]",
+    "data.max_size=96",
+    "train.batch_size=2",
+    "train.warmup_iters=5",
+    "train.epochs=1",
+    "train.milestones=[100]",
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["RAY_AUTH_MODE"] = "token"
+    # `python` in the job entrypoint must be this interpreter (the one with the project).
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def _stop_head(temp_dir: str) -> None:
+    """Stop only this head's processes (`ray stop` would stop every Ray on the machine)."""
+    procs = [
+        p for p in psutil.process_iter(["cmdline"]) if temp_dir in " ".join(p.info["cmdline"] or [])
+    ]
+    for proc in procs:
+        for child in proc.children(recursive=True):
+            child.send_signal(signal.SIGTERM)
+        proc.send_signal(signal.SIGTERM)
+    _, alive = psutil.wait_procs(procs, timeout=15)
+    for proc in alive:
+        proc.kill()
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """A real Ray head started like on a cluster, with token authentication."""
+    env = _env()
+    subprocess.run([RAY, "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
+    temp_dir = tempfile.mkdtemp(prefix="rayhead", dir="/tmp")  # short: socket path limits
+    # Explicit free ports: other Ray instances on this machine (the test session's own local
+    # one included) already hold the defaults, e.g. the dashboard agent's 52365.
+    port, dashboard, agent = _free_port(), _free_port(), _free_port()
+    started = subprocess.run(
+        [
+            RAY, "start", "--head", f"--port={port}", f"--dashboard-port={dashboard}",
+            "--dashboard-host=127.0.0.1", f"--dashboard-agent-listen-port={agent}",
+            "--num-cpus=2", f"--temp-dir={temp_dir}",
+            "--disable-usage-stats",
+        ],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert started.returncode == 0, started.stderr[-3000:]
+    try:
+        yield f"http://127.0.0.1:{dashboard}", env
+    finally:
+        _stop_head(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_job_submit_trains_and_logs_a_run(ray_head, tiny_coco, tmp_path):
+    address, env = ray_head
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    job_id = f"pep-test-{int(time.time())}"
+    entrypoint = [
+        "python", "jobs/train_pep.py", "--config", "configs/tiny.yaml",
+        "--data", str(tiny_coco), "--work-dir", str(tmp_path / "work"),
+        "--tracking-uri", uri, "--name", "submitted",
+    ] + [item for s in TINY for item in ("--set", s)]  # fmt: skip
+    command = [RAY, "job", "submit", "--address", address, "--working-dir", str(ROOT),
+               "--submission-id", job_id, "--no-wait", "--"] + entrypoint  # fmt: skip
+    for _ in range(20):  # a just-started head may not have its job agent up yet
+        submit = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+        if "No available agent" not in submit.stdout + submit.stderr:
+            break
+        time.sleep(3)
+    assert submit.returncode == 0, submit.stdout[-2000:] + submit.stderr[-2000:]
+    # The upload must stay small: data, shards, stores and the virtualenv are excluded.
+    upload = [line for line in (submit.stdout + submit.stderr).splitlines() if "Uploading" in line]
+    status = ""
+    deadline = time.time() + 900
+    while time.time() < deadline:
+        out = subprocess.run(
+            [RAY, "job", "status", "--address", address, job_id],
+            env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        status = (out.stdout + out.stderr).lower()  # "Job '...' succeeded"
+        if any(f"' {s}" in status for s in ("succeeded", "failed", "stopped")):
+            break
+        time.sleep(3)
+    logs = subprocess.run(
+        [RAY, "job", "logs", "--address", address, job_id],
+        env=env, capture_output=True, text=True, timeout=60,
+    ).stdout  # fmt: skip
+    assert "' succeeded" in status, status + logs[-4000:]
+    assert "MLflow run:" in logs and "| segm |" in logs
+
+    client = mlflow.MlflowClient(uri)
+    (run,) = client.search_runs(
+        [client.get_experiment_by_name("pep").experiment_id], "tags.ray_run_name = 'submitted'"
+    )
+    assert run.info.status == "FINISHED"
+    assert "segm/AP" in run.data.metrics and run.data.params["train.epochs"] == "1"
+    assert client.get_metric_history(run.info.run_id, "loss_mask")
+    for line in upload:
+        if "MiB" in line:  # e.g. "Uploading package ... (1.23MiB) to Ray cluster"
+            size = float(line.split("(")[-1].split("MiB")[0])
+            assert size < 20, line
