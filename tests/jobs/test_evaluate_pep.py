@@ -6,6 +6,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import mlflow
 import pytest
 
 import pep_model
@@ -48,10 +49,12 @@ def test_evaluates_shards_and_writes_results(tiny_config, tiny_shards, tmp_path,
     assert saved["params"]["segm"]["maxDets"] == [1, 10, 100, 150]
 
 
-def test_refuses_mlflow_uris_and_json_without_images(tmp_path):
+def test_unknown_mlflow_model_and_json_without_images_are_refused(tmp_path):
     job = _job()
-    with pytest.raises(InferenceError, match="MLflow model URIs are not supported yet"):
-        job.resolve_checkpoint("models:/pep@champion")
+    store = f"sqlite:///{tmp_path / 'empty.db'}"
+    mlflow.MlflowClient(store).search_experiments()  # creates an empty store
+    with pytest.raises(InferenceError, match="models:/pep@champion: cannot download"):
+        job.resolve_checkpoint("models:/pep@champion", tracking_uri=store)
     (tmp_path / "a.json").write_text("{}")
     args = job.get_args_parser().parse_args(
         ["--checkpoint", "x.pt", "--data", str(tmp_path / "a.json")]
