@@ -1,4 +1,8 @@
-"""Shared fixtures: one Ray instance per test session, tiny generated datasets."""
+"""Shared fixtures: one local Ray instance for the test session, tiny generated datasets.
+
+A test that needs another Ray (tests/pipeline/test_multinode.py builds a multi-node cluster)
+may shut the local instance down; `ray_session` and `tiny_shards` start it again on demand.
+"""
 
 from __future__ import annotations
 
@@ -9,15 +13,28 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="session")
-def ray_session():
-    """A local Ray instance with 2 CPUs, started once for the whole test session."""
+def ensure_local_ray():
+    """Start the tests' local Ray instance (2 CPUs, no dashboard) unless Ray is initialised."""
     import ray
 
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
+    return ray
+
+
+@pytest.fixture(scope="session")
+def local_ray():
+    """`ensure_local_ray` for fixtures of any scope; shuts Ray down at the end of the session."""
+    yield ensure_local_ray
+    import ray
+
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_session(local_ray):
+    """The local Ray instance with 2 CPUs: started once, restarted if a test shut it down."""
+    return local_ray()
 
 
 TINY_OVERRIDES = [
@@ -59,10 +76,11 @@ def tiny_coco(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def tiny_shards(ray_session, tiny_coco, tmp_path_factory):
+def tiny_shards(local_ray, tiny_coco, tmp_path_factory):
     """`tiny_coco` prepared into train/ and val/ shards (a `--data` shards root)."""
     from pipeline.prepare import PrepareConfig, prepare
 
+    local_ray()
     root = tmp_path_factory.mktemp("tiny_shards")
     for split in ("train", "val"):
         prepare(
