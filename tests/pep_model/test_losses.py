@@ -39,7 +39,11 @@ def test_every_loss_term_is_finite_and_reaches_its_own_head(full_model, crowded_
         loss.backward(retain_graph=True)
         grad = params[HEAD_OF[key]].grad
         assert grad is not None and grad.abs().sum() > 0, f"{key} does not reach its head"
-        assert params["perceiving.descriptors.weight"].grad is not None or key == "loss_perceive"
+        # the descriptors D are trained by the mask and graph terms; the excavating terms read
+        # them detached (by design, see pep_model/excavating.py)
+        reaches_descriptors = params["perceiving.descriptors.weight"].grad is not None and bool(
+            params["perceiving.descriptors.weight"].grad.abs().sum() > 0)
+        assert reaches_descriptors == (key in {"loss_mask", "loss_graph"}), key
 
 
 def test_losses_decrease_on_a_few_steps(crowded_batch):
