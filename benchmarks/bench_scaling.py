@@ -63,7 +63,10 @@ def measure(shards: str, workers: int, args, storage: str) -> dict[str, float]:
 
 def main(args: argparse.Namespace) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"  # one thread per worker (inherited by Ray workers)
-    ray.init(num_cpus=os.cpu_count(), runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    # One logical CPU more than the cores: with 2 workers holding 1 CPU each on a 2-core
+    # machine, Ray Data's read/decode tasks would get no CPU at all and training would wait
+    # forever (measured: stuck in "backpressured: ResourceBudget").
+    ray.init(num_cpus=os.cpu_count() + 1, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"
         make_dataset(data, images=args.images, size=args.size, seed=0, val_fraction=0.0)

@@ -347,6 +347,16 @@ def run_training(
 
     # seed=None: fresh augmentations every epoch (each epoch re-executes the dataset).
     dataset = reader.training_dataset(train_shards, cfg.data, seed=None)
+    cpus = ray.cluster_resources().get("CPU", 0)
+    if cpus < num_workers + cfg.data.reader_cpus:
+        logger.warning(
+            "the cluster has %g CPUs: %d training workers take 1 each and Ray Data needs %g "
+            "more to read and decode the shards; training waits until CPUs are added "
+            "(lower --num-workers or add nodes)",
+            cpus,
+            num_workers,
+            cfg.data.reader_cpus,
+        )
     rows = read_manifest(train_shards)["counts"]["images_written"]
     iters_per_epoch = max(1, math.ceil(rows / (cfg.train.batch_size * num_workers)))
     token = write_storage_probe(storage_path, name)
