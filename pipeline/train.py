@@ -31,6 +31,7 @@ from ray.train.torch import TorchTrainer
 
 from pep_model import Config, build_model, config_from_dict, config_to_dict
 from pipeline import reader
+from pipeline.inference import resolve_use_gpu
 from pipeline.prepare import read_manifest
 from pipeline.tracking import log_metrics_safely
 
@@ -49,22 +50,6 @@ class StorageNotSharedError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def resolve_use_gpu(flag: str | bool) -> bool:
-    """`auto` -> True when the Ray cluster (or this machine) has GPUs; else the flag."""
-    if isinstance(flag, bool):
-        return flag
-    flag = flag.lower()
-    if flag in ("true", "1", "yes"):
-        return True
-    if flag in ("false", "0", "no"):
-        return False
-    if flag != "auto":
-        raise ValueError(f"use_gpu must be auto, true or false, got {flag!r}")
-    if ray.is_initialized():
-        return ray.cluster_resources().get("GPU", 0) > 0
-    return torch.cuda.is_available()
 
 
 def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:

@@ -55,6 +55,12 @@ TINY_OVERRIDES = [
 
 
 @pytest.fixture(scope="session")
+def tiny_overrides() -> list[str]:
+    """TINY_OVERRIDES as a fixture, for tests that pass them to a job's --set."""
+    return list(TINY_OVERRIDES)
+
+
+@pytest.fixture(scope="session")
 def tiny_config():
     """Factory: configs/tiny.yaml with TINY_OVERRIDES plus the given `key=value` overrides."""
     from pep_model import load_config

@@ -18,19 +18,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 RAY = str(Path(sys.executable).parent / "ray")
-TINY = [
-    "model.fpn_channels=32",
-    "model.head_channels=32",
-    "model.tower_convs=1",
-    "model.descriptor_dim=32",
-    "model.mask_channels=32",
-    "data.train_size=[96]",
-    "data.max_size=96",
-    "train.batch_size=2",
-    "train.warmup_iters=5",
-    "train.epochs=1",
-    "train.milestones=[100]",
-]
 
 
 def _free_port() -> int:
@@ -88,7 +75,7 @@ def ray_head():
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def test_job_submit_trains_and_logs_a_run(ray_head, tiny_coco, tmp_path):
+def test_job_submit_trains_and_logs_a_run(ray_head, tiny_coco, tiny_overrides, tmp_path):
     address, env = ray_head
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     job_id = f"pep-test-{int(time.time())}"
@@ -96,7 +83,7 @@ def test_job_submit_trains_and_logs_a_run(ray_head, tiny_coco, tmp_path):
         "python", "jobs/train_pep.py", "--config", "configs/tiny.yaml",
         "--data", str(tiny_coco), "--work-dir", str(tmp_path / "work"),
         "--tracking-uri", uri, "--name", "submitted",
-    ] + [item for s in TINY for item in ("--set", s)]  # fmt: skip
+    ] + [item for s in tiny_overrides + ["train.epochs=1"] for item in ("--set", s)]  # fmt: skip
     command = [RAY, "job", "submit", "--address", address, "--working-dir", str(ROOT),
                "--submission-id", job_id, "--no-wait", "--"] + entrypoint  # fmt: skip
     for _ in range(20):  # a just-started head may not have its job agent up yet

@@ -16,30 +16,20 @@ sys.path.insert(0, str(ROOT / "jobs"))
 
 import train_pep  # noqa: E402
 
-TINY = [
-    "model.fpn_channels=32",
-    "model.head_channels=32",
-    "model.tower_convs=1",
-    "model.descriptor_dim=32",
-    "model.mask_channels=32",
-    "data.train_size=[96]",
-    "data.max_size=96",
-    "train.batch_size=2",
-    "train.warmup_iters=5",
-    "train.milestones=[100]",
-    "train.epochs=2",
-    "eval.every_epochs=1",
-]
+
+def _sets(overrides: list[str]) -> list[str]:
+    """--set arguments: the shared tiny budget plus validation after every epoch."""
+    return [item for o in overrides + ["eval.every_epochs=1"] for item in ("--set", o)]
 
 
 @pytest.fixture(scope="module")
-def finished_job(ray_session, tiny_coco, tmp_path_factory):
+def finished_job(ray_session, tiny_coco, tiny_overrides, tmp_path_factory):
     """One real run of the job on the tiny generated COCO folder (prepared on the fly)."""
     work = tmp_path_factory.mktemp("job")
     uri = f"sqlite:///{work / 'mlflow.db'}"
     args = train_pep.get_args_parser().parse_args(
         ["--data", str(tiny_coco), "--work-dir", str(work), "--tracking-uri", uri, "--name", "job"]
-        + [item for s in TINY for item in ("--set", s)]
+        + _sets(tiny_overrides)
     )
     assert train_pep.main(args) == 0
     client = mlflow.MlflowClient(uri)
@@ -76,11 +66,11 @@ def test_run_records_config_metrics_tags_and_artifacts(finished_job):
         assert 0.0 <= results["metrics"][key] <= 1.0 or results["metrics"][key] == -1
 
 
-def test_existing_name_without_resume_is_refused(finished_job, tiny_coco, capsys):
+def test_existing_name_without_resume_is_refused(finished_job, tiny_coco, tiny_overrides, capsys):
     work, uri, _, _ = finished_job
     args = train_pep.get_args_parser().parse_args(
         ["--data", str(tiny_coco), "--work-dir", str(work), "--tracking-uri", uri, "--name", "job"]
-        + [item for s in TINY for item in ("--set", s)]
+        + _sets(tiny_overrides)
     )
     assert train_pep.main(args) == 2
     assert "already exists" in capsys.readouterr().err
