@@ -55,7 +55,12 @@ class ModelConfig:
     max_train_mined: int = 128
     neighbour_expand: float = 0.5  # enlarge the original box by this fraction to find neighbours
     # Inference.
-    score_threshold: float = 0.1
+    score_threshold: float = 0.1  # final filter on the instances' scores
+    # Candidate descriptors (original and mined) are selected at this fixed confidence, so the
+    # groups purifying forms and the Matrix NMS decay do not depend on score_threshold: a run at
+    # any score_threshold >= candidate_threshold equals filtering a run at candidate_threshold
+    # (several thresholds from one pass). A lower score_threshold lowers the selection with it.
+    candidate_threshold: float = 0.05
     pre_topk: int = 500  # original descriptors kept before excavating / purifying
     excavate_threshold: float = 0.3
     excavate_topk: int = 4  # key pixels per original descriptor

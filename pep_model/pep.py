@@ -46,8 +46,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # ModelConfig fields that may be changed after building (post-processing only).
 INFERENCE_PARAMS = (
-    "score_threshold", "pre_topk", "excavate_threshold", "excavate_topk", "purify_threshold",
-    "mask_threshold", "nms_kernel", "nms_sigma", "max_instances", "point_nms",
+    "score_threshold", "candidate_threshold", "pre_topk", "excavate_threshold", "excavate_topk",
+    "purify_threshold", "mask_threshold", "nms_kernel", "nms_sigma", "max_instances", "point_nms",
 )
 
 
@@ -123,6 +123,10 @@ class PEP(nn.Module):
         if unknown:
             raise ValueError(f"set_inference_params: unknown {unknown}; allowed {INFERENCE_PARAMS}")
         self.config = dataclasses.replace(self.config, **params)
+
+    def selection_threshold(self) -> float:
+        """Confidence at which candidate descriptors are selected (see candidate_threshold)."""
+        return min(self.config.candidate_threshold, self.config.score_threshold)
 
     def preprocess(self, images: list[Tensor]) -> tuple[Tensor, list[tuple[int, int]]]:
         """Normalise 3 x H x W images in 0..1 and pad them into one batch."""
@@ -285,11 +289,12 @@ class PEP(nn.Module):
         excavate_feature = (
             self.excavating.shared_feature(general) if self.excavating is not None else None
         )
+        select = self.selection_threshold()
         results = []
         for b, (height, width) in enumerate(sizes):
             scores, labels = fg_flat[b].max(dim=1)  # L, L
             inside = (positions[:, 0] < width) & (positions[:, 1] < height)
-            keep = ((scores > cfg.score_threshold) & inside).nonzero().squeeze(1)
+            keep = ((scores > select) & inside).nonzero().squeeze(1)
             if keep.numel() > cfg.pre_topk:
                 keep = keep[scores[keep].topk(cfg.pre_topk).indices]
             scores, labels = scores[keep], labels[keep] + 1
@@ -348,7 +353,7 @@ class PEP(nn.Module):
         )
         cls_scores, cls_labels = logits.softmax(dim=1)[:, 1:].max(dim=1)
         scores = heat_values * cls_scores
-        keep = (scores > cfg.score_threshold).nonzero().squeeze(1)
+        keep = (scores > self.selection_threshold()).nonzero().squeeze(1)
         if keep.numel() > cfg.pre_topk:
             keep = keep[scores[keep].topk(cfg.pre_topk).indices]
         strides = loc_strides[orig]
