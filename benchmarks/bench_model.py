@@ -1,7 +1,11 @@
 """Model speed: PEP vs torchvision Mask R-CNN on the same ResNet-50-FPN (random init), CPU.
 
     python benchmarks/bench_model.py [--iters 3] [--threads 2] [--size 512] [--batch 2]
-        [--profile]
+        [--profile] [--variants pep baseline lean lean128]
+
+PEP rows: the paper's widths (256) with and without excavating/purifying, and the lean speed
+setting (perceiving on P3..P6 instead of P2..P6, the mask feature B at stride 8), also with
+128-wide perceiving towers.
 
 One batch of `--batch` random `--size` x `--size` images with 8 random rectangles each
 (80 classes). Measured, median over `--iters` after one warm-up:
@@ -50,6 +54,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch", type=int, default=2, help="images per batch")
     parser.add_argument("--objects", type=int, default=8, help="rectangles per image")
     parser.add_argument("--profile", action="store_true", help="profile PEP train/inference")
+    parser.add_argument(
+        "--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
+        help="PEP settings to time beside Mask R-CNN",
+    )
     return parser
 
 
@@ -72,12 +80,29 @@ def make_batch(batch: int, size: int, objects: int, seed: int = 0):
     return images, targets
 
 
-def pep_model(excavate: bool = True, purify: bool = True):
+# The lean speed setting: perceiving on P3..P6 (no stride-4 map) and B at stride 8.
+LEAN = dict(
+    perceive_levels=[3, 4, 5, 6],
+    scale_ranges=[[0, 96], [48, 192], [96, 384], [192, 100000]],
+    mask_stride=8,
+)
+# name -> ModelConfig overrides; the paper's widths (256) unless a row says otherwise
+VARIANTS = {
+    "pep": ("PEP (excavate+purify)", {}),
+    "baseline": ("PEP Baseline (no E/P)", dict(excavate=False, purify=False)),
+    "lean": ("PEP lean (P3-P6, B stride 8)", LEAN),
+    "lean128": ("PEP lean, heads 128 wide", dict(LEAN, head_channels=128)),
+}
+
+
+def pep_model(**overrides):
     config = ModelConfig(
         num_classes=NUM_CLASSES, backbone="resnet50", norm="bn", trainable_layers=5,
-        excavate=excavate, purify=purify, score_threshold=0.0, pre_topk=100,
+        score_threshold=0.0, candidate_threshold=0.0, pre_topk=100,
         excavate_threshold=0.0, excavate_topk=1,
     )
+    for key, value in overrides.items():
+        setattr(config, key, value)
     return build_model(config)
 
 
@@ -169,15 +194,15 @@ def main(args: argparse.Namespace) -> None:
     rows.append(("Mask R-CNN R50-FPN", t_mr_train, t_mr_inf, None))
     del mrcnn
 
-    variants = [("PEP (excavate+purify)", True, True), ("PEP Baseline (no E/P)", False, False)]
-    for name, excavate, purify in variants:
-        model = pep_model(excavate, purify)
+    for key in args.variants:
+        name, overrides = VARIANTS[key]
+        model = pep_model(**overrides)
         t_train = timed(train_step_fn(model, images, targets), args.iters)
         t_inf = timed(inference_fn(model, images), args.iters)
         t_fb = timed(forward_backward_fn(model, images, targets), args.iters)
         t_bb = timed(backbone_fn(model, images), args.iters)
         rows.append((name, t_train, t_inf, (t_fb, t_bb)))
-        if args.profile and excavate:
+        if args.profile and key in ("pep", "lean128"):
             profile(forward_backward_fn(model, images, targets), "PEP forward+backward")
             profile(inference_fn(model, images), "PEP inference")
         del model

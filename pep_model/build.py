@@ -39,10 +39,15 @@ def build_model(config: ModelConfig) -> PEP:
         config.backbone, config.fpn_channels, config.norm, config.trainable_layers,
         config.pretrained_path,
     )
-    if len(config.scale_ranges) != len(backbone.strides):
+    levels = list(config.perceive_levels)
+    if not levels or levels != sorted(set(levels)) or not set(levels) <= {2, 3, 4, 5, 6}:
         raise ValueError(
-            f"model.scale_ranges needs one [lo, hi] per FPN level P2..P6 "
-            f"({len(backbone.strides)}), got {len(config.scale_ranges)}"
+            f"model.perceive_levels must be increasing FPN levels out of 2..6, got {levels}"
+        )
+    if len(config.scale_ranges) != len(levels):
+        raise ValueError(
+            f"model.scale_ranges needs one [lo, hi] per perceived FPN level {levels} "
+            f"({len(levels)}), got {len(config.scale_ranges)}"
         )
     perceiving = SemanticsPerceiving(
         config.fpn_channels, config.num_classes, config.head_channels, config.tower_convs,

@@ -37,6 +37,10 @@ class ModelConfig:
     mask_channels: int = 256  # C_B: general (mask) feature width
     mask_stride: int = 4  # stride of the general feature B (4 or 8)
     # Scale-based FPN level assignment (sqrt(area) in input pixels), one range per level P2..P6.
+    # FPN levels the perceiving head runs on (2..6 = P2..P6). [3, 4, 5, 6] skips the stride-4
+    # map, which carries ~3/4 of the head's pixels (the lean speed setting, see BENCHMARKS.md).
+    perceive_levels: list[int] = field(default_factory=lambda: [2, 3, 4, 5, 6])
+    # one [lo, hi] sqrt(box area) range per perceived level
     scale_ranges: list[list[float]] = field(
         default_factory=lambda: [[0, 48], [24, 96], [48, 192], [96, 384], [192, 100000]]
     )

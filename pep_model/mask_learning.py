@@ -43,7 +43,9 @@ class MaskFeature(nn.Module):
         base, first = features[0].shape[-2:], self.level_strides[0]
         size = (base[0] * first // self.mask_stride, base[1] * first // self.mask_stride)
         fused = None
-        for feature, lateral in zip(features, self.lateral):
+        for feature, stride, lateral in zip(features, self.level_strides, self.lateral):
+            if stride < self.mask_stride:  # pool first: the lateral conv runs at mask_stride
+                feature = F.avg_pool2d(feature, self.mask_stride // stride)
             x = lateral(feature)
             if x.shape[-2:] != size:
                 x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)

@@ -114,6 +114,11 @@ class PEP(nn.Module):
     def size_divisibility(self) -> int:
         return self.backbone.size_divisibility
 
+    @property
+    def perceive_strides(self) -> tuple[int, ...]:
+        """Strides of the FPN levels the perceiving head runs on (`perceive_levels`)."""
+        return tuple(self.backbone.strides[level - 2] for level in self.config.perceive_levels)
+
     def set_inference_params(self, **params) -> None:
         """Change post-processing thresholds/caps, e.g. `score_threshold=0.05, max_instances=400`.
 
@@ -141,9 +146,9 @@ class PEP(nn.Module):
         if self.training and targets is None:
             raise ValueError("PEP in training mode needs targets")
         batch, sizes = self.preprocess(images)
-        features = self.backbone(batch)
-        strides = self.backbone.strides
-        cls_maps, desc_maps = self.perceiving(features, strides)
+        features = self.backbone(batch)  # P2..P6
+        perceived = [features[level - 2] for level in self.config.perceive_levels]
+        cls_maps, desc_maps = self.perceiving(perceived, self.perceive_strides)
         general = self.mask_feature(features)  # B x D x h x w
         if self.training:
             return self.losses(batch, cls_maps, desc_maps, general, targets)
@@ -161,7 +166,7 @@ class PEP(nn.Module):
         """Eq. 1-8 for a batch: targets per image, descriptors pooled over the batch."""
         cfg = self.config
         device = batch.device
-        strides = self.backbone.strides
+        strides = self.perceive_strides
         pad_h, pad_w = batch.shape[-2:]
         ms = cfg.mask_stride
         mh, mw = general.shape[-2:]
@@ -278,7 +283,7 @@ class PEP(nn.Module):
         """Per image: select original descriptors, excavate, purify or Matrix-NMS, masks."""
         cfg = self.config
         device = general.device
-        strides = self.backbone.strides
+        strides = self.perceive_strides
         level_shapes = [tuple(m.shape[-2:]) for m in cls_maps]
         fg_maps = [m.softmax(dim=1)[:, 1:] for m in cls_maps]  # B x C x h x w per level
         if cfg.point_nms:
@@ -346,7 +351,7 @@ class PEP(nn.Module):
         xs, ys = cell_centres(mh, mw, ms, feature.device)
         key_positions = torch.stack([xs[cells % mw], ys[cells // mw]], dim=1)  # K x 2
         local = all_descriptors[
-            cells_at(key_positions, loc_strides[orig], level_shapes, self.backbone.strides)
+            cells_at(key_positions, loc_strides[orig], level_shapes, self.perceive_strides)
         ]
         mined, logits = self.excavating.mine(
             descriptors[orig], locations[orig], loc_strides[orig], key_positions, local
