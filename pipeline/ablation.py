@@ -23,6 +23,7 @@ from typing import Any
 import mlflow
 import numpy as np
 import ray
+import ray.train
 
 from pep_model import Config, config_from_dict, config_to_dict, save_config
 from pipeline import evaluate, experiment, tracking
@@ -33,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 COLUMNS = ("AP", "AP50", "AP75", "APs", "APm", "APl")  # segm metrics, as in Table 2
 VALIDATION_CPUS = 0.5  # the validation task beside training (experiment.validate_checkpoint)
+SYSTEM_RETRIES = 1  # extra attempts of a run that Ray (not the run's own code) stopped
 
 
 class AblationError(ValueError):
@@ -72,6 +74,7 @@ class RunOutcome:
     eval_seconds: float = 0.0
     eval_images: int = 0
     error: str | None = None
+    attempts: int = 0
 
     @property
     def ok(self) -> bool:
@@ -145,6 +148,20 @@ def parallel_runs(
 
 
 # ----------------------------------------------------------------------------- one run
+
+
+def is_system_failure(error: BaseException) -> bool:
+    """True when Ray stopped the run (controller, node or process death), not the run's code.
+
+    Such runs are worth one more attempt: e.g. Ray Train's placement-group cleaner can take
+    a live controller for dead when the State API answers late on an overloaded machine and
+    remove the run's placement group (seen here at load average ~10).
+    """
+    cause = getattr(error, "cause", None) or error
+    system = (ray.train.ControllerError, ray.exceptions.RayActorError)
+    return isinstance(cause, system) or isinstance(
+        error, ray.exceptions.WorkerCrashedError | ray.exceptions.NodeDiedError
+    )
 
 
 def _error_text(error: BaseException) -> str:
@@ -344,7 +361,8 @@ def _run_all(
 ) -> list[RunOutcome]:
     """Run `task` (a Ray remote function like `_run_variant`) at most `max_parallel` at a time.
 
-    Every run ends with numbers or with the error that stopped it.
+    Every run ends with numbers or with the error that stopped it. A run that Ray stopped
+    (`is_system_failure`) is tried again, continuing its MLflow run and last checkpoint.
     """
     outcomes = [RunOutcome(v.key, s, run_name(name, v, s)) for v, s in runs]
     pending = list(range(len(runs)))
@@ -354,18 +372,27 @@ def _run_all(
             while pending and len(running) < max_parallel:
                 index = pending.pop(0)
                 variant, seed = runs[index]
+                outcome = outcomes[index]
                 cfg = variant_config(base, variant, seed)
-                ref = task.remote(config_to_dict(cfg), outcomes[index].run_name, kwargs)
+                resume = {"resume": True} if outcome.attempts else {}
+                ref = task.remote(config_to_dict(cfg), outcome.run_name, kwargs | resume)
+                outcome.attempts += 1
                 running[ref] = index
-                logger.info("started %s", outcomes[index].run_name)
+                logger.info("started %s (attempt %d)", outcome.run_name, outcome.attempts)
             (done,), _ = ray.wait(list(running), num_returns=1)
-            outcome = outcomes[running.pop(done)]
+            index = running.pop(done)
+            outcome = outcomes[index]
             try:
                 values = ray.get(done)
             except Exception as e:  # noqa: BLE001 - any failure of a run is reported, not raised
+                if is_system_failure(e) and outcome.attempts <= SYSTEM_RETRIES:
+                    logger.warning("%s stopped by Ray, trying again: %s", outcome.run_name, e)
+                    pending.insert(0, index)
+                    continue
                 outcome.error = _error_text(e)
                 logger.error("%s failed: %s", outcome.run_name, outcome.error)
                 continue
+            outcome.error = None
             outcome.run_id = values["run_id"]
             outcome.metrics = values["metrics"]
             outcome.train_seconds = values["train_seconds"]

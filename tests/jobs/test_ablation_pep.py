@@ -9,6 +9,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import ray
+import ray.train
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "jobs"))
@@ -117,6 +118,27 @@ def test_a_failing_ray_task_is_reported_and_the_others_finish(ray_session, tiny_
     table = ablation.format_table(outcomes)
     assert _row(table, "+purifying")[1] == "failed: ValueError: t-purifying-s1: purifying broke"
     assert _row(table, "PEP")[1] == "15.0 ± 7.1"
+
+
+@ray.remote(num_cpus=0)
+def _flaky_run(config: dict, run_name: str, kwargs: dict) -> dict:
+    """Stopped by Ray on the first attempt (as a lost placement group does), fine on resume."""
+    if not kwargs.get("resume"):
+        raise ray.train.ControllerError(RuntimeError("placement group was removed"))
+    if config["model"]["excavate"]:
+        raise ray.train.ControllerError(RuntimeError("placement group was removed again"))
+    return {"run_id": run_name, "metrics": {}, "train_seconds": 1.0, "eval_seconds": 1.0,
+            "eval_images": 1}  # fmt: skip
+
+
+def test_a_run_stopped_by_ray_is_resumed_once(ray_session, tiny_config):
+    runs = [(v, 1) for v in ablation.VARIANTS]
+    outcomes = ablation._run_all(runs, tiny_config(), "t", {}, max_parallel=2, task=_flaky_run)
+    by_key = {o.variant: o for o in outcomes}
+    assert [by_key[k].attempts for k in ("baseline", "pep")] == [2, 2]
+    assert by_key["baseline"].ok and by_key["purifying"].ok
+    assert by_key["pep"].error == "ControllerError: placement group was removed again"
+    assert not ablation.is_system_failure(ValueError("bad config"))
 
 
 def test_job_exits_non_zero_when_a_run_failed(monkeypatch, capsys):
