@@ -153,9 +153,8 @@ def parallel_runs(
 def is_system_failure(error: BaseException) -> bool:
     """True when Ray stopped the run (controller, node or process death), not the run's code.
 
-    Such runs are worth one more attempt: e.g. Ray Train's placement-group cleaner can take
-    a live controller for dead when the State API answers late on an overloaded machine and
-    remove the run's placement group (seen here at load average ~10).
+    Such runs are worth one more attempt (e.g. a training worker killed because Ray Train's
+    placement-group cleaner took its live controller for dead, see `run_ablation`).
     """
     cause = getattr(error, "cause", None) or error
     system = (ray.train.ControllerError, ray.exceptions.RayActorError)
@@ -235,6 +234,8 @@ def run_ablation(
         raise AblationError("--seeds: give at least one seed")
     if len(set(seeds)) != len(seeds):
         raise AblationError(f"--seeds {list(seeds)}: seeds repeat")
+    if max_parallel is not None and max_parallel < 1:
+        raise AblationError(f"--max-parallel {max_parallel}: must be at least 1")
     work_dir = Path(work_dir).resolve()
     if not ray.is_initialized():
         ray.init()  # joins RAY_ADDRESS (e.g. under `ray job submit`), else starts locally
@@ -245,6 +246,8 @@ def run_ablation(
             f"{splits.train_shards} and {splits.val_shards}: train/ and val/ shards must share "
             "one root to be passed to the runs"
         )
+    base = config_from_dict(config_to_dict(base))  # a copy: the caller's config stays as it is
+    base.model.num_classes = splits.categories.num_classes  # as every run will (from the data)
     num_workers = num_workers or base.train.num_workers
     gpu = resolve_use_gpu(base.train.use_gpu if use_gpu is None else use_gpu)
     fits = parallel_runs(ray.cluster_resources(), base, num_workers, gpu, validate)
@@ -322,7 +325,12 @@ def run_ablation(
             "log_model": log_model,
             "overlays": overlays,
         }
-        outcomes = _run_all(runs, base, name, kwargs, max_parallel)
+        # Ray Train's placement-group cleaner finds "its" cluster through RAY_ADDRESS or, when
+        # unset, by scanning this machine for Ray instances: with several on one machine it
+        # may ask another cluster, miss its live controller and remove the run's placement
+        # group. Runs (and the actors they start) get the address of this cluster.
+        env = {"env_vars": {"RAY_ADDRESS": ray.get_runtime_context().gcs_address}}
+        outcomes = _run_all(runs, base, name, kwargs, max_parallel, runtime_env=env)
         for outcome in outcomes:
             outcome.run_id = outcome.run_id or _child_run_id(
                 client, experiment_id, parent_id, outcome.run_name
@@ -358,6 +366,7 @@ def _run_all(
     kwargs: dict[str, Any],
     max_parallel: int,
     task: Any = _run_variant,
+    runtime_env: dict[str, Any] | None = None,
 ) -> list[RunOutcome]:
     """Run `task` (a Ray remote function like `_run_variant`) at most `max_parallel` at a time.
 
@@ -375,7 +384,9 @@ def _run_all(
                 outcome = outcomes[index]
                 cfg = variant_config(base, variant, seed)
                 resume = {"resume": True} if outcome.attempts else {}
-                ref = task.remote(config_to_dict(cfg), outcome.run_name, kwargs | resume)
+                ref = task.options(runtime_env=runtime_env).remote(
+                    config_to_dict(cfg), outcome.run_name, kwargs | resume
+                )
                 outcome.attempts += 1
                 running[ref] = index
                 logger.info("started %s (attempt %d)", outcome.run_name, outcome.attempts)
