@@ -320,7 +320,9 @@ def train_and_evaluate(
                         "tracking_uri": tracking_uri,
                     }
                 ),
-                ray_remote_kwargs={"num_cpus": 0.5},
+                # "DEFAULT": outside any placement group; inside a Tune trial (whose placement
+                # group captures child tasks) the task would not fit the trial's bundle.
+                ray_remote_kwargs={"num_cpus": 0.5, "scheduling_strategy": "DEFAULT"},
             )
         train_start = time.perf_counter()
         trained = run_training(
