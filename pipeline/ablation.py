@@ -24,6 +24,7 @@ import mlflow
 import numpy as np
 import ray
 import ray.train
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pep_model import Config, config_from_dict, config_to_dict, save_config
 from pipeline import evaluate, experiment, tracking
@@ -329,8 +330,16 @@ def run_ablation(
         # unset, by scanning this machine for Ray instances: with several on one machine it
         # may ask another cluster, miss its live controller and remove the run's placement
         # group. Runs (and the actors they start) get the address of this cluster.
-        env = {"env_vars": {"RAY_ADDRESS": ray.get_runtime_context().gcs_address}}
-        outcomes = _run_all(runs, base, name, kwargs, max_parallel, runtime_env=env)
+        # The runs' drivers stay on this node, like train_pep's: local paths (work dir, SQLite
+        # store) mean the same to them as to this process; their training workers go anywhere.
+        context = ray.get_runtime_context()
+        options = {
+            "runtime_env": {"env_vars": {"RAY_ADDRESS": context.gcs_address}},
+            "scheduling_strategy": NodeAffinitySchedulingStrategy(
+                context.get_node_id(), soft=False
+            ),
+        }
+        outcomes = _run_all(runs, base, name, kwargs, max_parallel, options=options)
         for outcome in outcomes:
             outcome.run_id = outcome.run_id or _child_run_id(
                 client, experiment_id, parent_id, outcome.run_name
@@ -366,9 +375,9 @@ def _run_all(
     kwargs: dict[str, Any],
     max_parallel: int,
     task: Any = _run_variant,
-    runtime_env: dict[str, Any] | None = None,
+    options: dict[str, Any] | None = None,
 ) -> list[RunOutcome]:
-    """Run `task` (a Ray remote function like `_run_variant`) at most `max_parallel` at a time.
+    """Run `task` (a Ray remote function, with Ray `options`), `max_parallel` at a time.
 
     Every run ends with numbers or with the error that stopped it. A run that Ray stopped
     (`is_system_failure`) is tried again, continuing its MLflow run and last checkpoint.
@@ -384,7 +393,7 @@ def _run_all(
                 outcome = outcomes[index]
                 cfg = variant_config(base, variant, seed)
                 resume = {"resume": True} if outcome.attempts else {}
-                ref = task.options(runtime_env=runtime_env).remote(
+                ref = task.options(**(options or {})).remote(
                     config_to_dict(cfg), outcome.run_name, kwargs | resume
                 )
                 outcome.attempts += 1
