@@ -1,0 +1,318 @@
+"""Accuracy: PEP, its Table 2 ablation variants and torchvision Mask R-CNN, same budget, one run.
+
+    python benchmarks/bench_accuracy.py [--data COCO_FOLDER] [--config configs/tiny.yaml]
+        [--set key=value ...] [--models pep baseline excavate purify maskrcnn]
+        [--seeds 1 2] [--epochs 12] [--max-dets 100] [--threads 2] [--out results.json]
+
+Every model is trained in this process by the same loop (`pipeline.train.train_one_epoch`:
+same optimizer and LR schedule from the config, same batches in the same shuffled order per
+seed, same augmentation, same image sizes, same number of epochs and torch threads), then
+evaluated by the same code (`pipeline.inference.predict_rows` -> COCO results at the
+original image size -> COCOeval, segm and bbox). Nothing is pretrained (no weights here).
+
+- PEP variants: `model.excavate` / `model.purify` switched as in the paper's Table 2.
+- Mask R-CNN: torchvision's `MaskRCNN` on the same ResNet depth as the config's backbone
+  (BatchNorm, all layers trainable, as `maskrcnn_resnet50_fpn(weights=None,
+  weights_backbone=None)` builds it), torchvision's own losses and default heads (FPN 256
+  wide). Two settings are adapted to the data like PEP's: the transform does not resize
+  (both models see exactly the same pixels) and anchor sizes are scaled with the config's
+  object-scale ranges (COCO-size anchors 32..512 x scale_ranges[0][1] / 96: 16..256 for the
+  tiny config's 256-px images). Its detection cap follows `--max-dets`, like PEP's.
+
+`--data` takes a COCO folder (`train/annotations.json` + `train/images`, same for `val/`) or a
+shards root; default: the generated crowded scenes of the config. Prints a markdown table
+(mean and spread over seeds) ready for BENCHMARKS.md and writes every number to `--out`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+from torchvision.models.detection import MaskRCNN  # noqa: E402
+from torchvision.models.detection.anchor_utils import AnchorGenerator  # noqa: E402
+from torchvision.models.detection.backbone_utils import resnet_fpn_backbone  # noqa: E402
+from torchvision.models.detection.transform import GeneralizedRCNNTransform  # noqa: E402
+
+from pep_model import Config, build_model, load_config  # noqa: E402
+from pipeline import evaluate, experiment, reader  # noqa: E402
+from pipeline.inference import INFERENCE_COLUMNS, predict_rows  # noqa: E402
+from pipeline.train import build_lr_scheduler, build_optimizer, train_one_epoch  # noqa: E402
+
+# name -> (row label, ModelConfig switches); "maskrcnn" is built separately
+PEP_VARIANTS = {
+    "baseline": ("PEP Baseline", dict(excavate=False, purify=False)),
+    "excavate": ("PEP +excavating", dict(excavate=True, purify=False)),
+    "purify": ("PEP +purifying", dict(excavate=False, purify=True)),
+    "pep": ("PEP (both)", dict(excavate=True, purify=True)),
+}
+MODELS = [*PEP_VARIANTS, "maskrcnn"]
+COLUMNS = ["segm/AP", "segm/AP50", "segm/AP75", "segm/APs", "segm/APm", "segm/APl", "bbox/AP"]
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=None, help="COCO folder or shards root")
+    parser.add_argument("--config", default=str(ROOT / "configs" / "tiny.yaml"))
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override for every model",
+    )
+    parser.add_argument("--models", nargs="+", default=MODELS, choices=MODELS)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2])
+    parser.add_argument("--epochs", type=int, default=None, help="default: the config's")
+    parser.add_argument(
+        "--max-dets",
+        type=int,
+        default=100,
+        help="COCOeval maxDets and both models' output caps (crowded data: 400)",
+    )
+    parser.add_argument(
+        "--train-images",
+        type=int,
+        default=None,
+        help="use only the first N training images (a smaller budget)",
+    )
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--work-dir", default=str(ROOT / "work"), help="data and shards go here")
+    parser.add_argument("--out", default=None, help="write all numbers as JSON here")
+    return parser
+
+
+# ----------------------------------------------------------------------------- Mask R-CNN
+
+
+class _NoResize(GeneralizedRCNNTransform):
+    """torchvision's transform without its resize: Mask R-CNN sees PEP's exact input pixels."""
+
+    def resize(self, image, target=None):
+        return image, target
+
+
+class MaskRCNNAdapter(nn.Module):
+    """torchvision Mask R-CNN with PEP's train/eval contract.
+
+    Training: drops crowd and degenerate boxes (torchvision has no ignore regions) and
+    returns torchvision's loss dict. Eval: masks binarised at 0.5 as bool K x H x W.
+    """
+
+    def __init__(self, cfg: Config, max_dets: int) -> None:
+        super().__init__()
+        scale = cfg.model.scale_ranges[0][1] / 96
+        sizes = tuple((max(4, round(s * scale)),) for s in (32, 64, 128, 256, 512))
+        backbone = resnet_fpn_backbone(
+            backbone_name=cfg.model.backbone,
+            weights=None,
+            trainable_layers=5,
+            norm_layer=nn.BatchNorm2d,
+        )
+        self.model = MaskRCNN(
+            backbone,
+            num_classes=cfg.model.num_classes + 1,
+            rpn_anchor_generator=AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes)),
+            box_detections_per_img=max_dets,
+            box_score_thresh=cfg.model.score_threshold,
+        )
+        t = self.model.transform
+        self.model.transform = _NoResize(
+            t.min_size, t.max_size, t.image_mean, t.image_std, size_divisible=32
+        )
+        self.anchor_sizes = [s[0] for s in sizes]
+
+    def forward(self, images, targets=None):
+        if self.training:
+            clean = []
+            for t in targets:
+                boxes = t["boxes"]
+                keep = ~t["iscrowd"] & (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+                clean.append(
+                    {"boxes": boxes[keep], "labels": t["labels"][keep], "masks": t["masks"][keep]}
+                )
+            return self.model(images, clean)
+        out = self.model(images)
+        return [
+            {
+                "labels": o["labels"],
+                "scores": o["scores"],
+                "masks": o["masks"][:, 0] > 0.5,
+                "boxes": o["boxes"],
+            }
+            for o in out
+        ]
+
+
+def build(name: str, cfg: Config, max_dets: int) -> nn.Module:
+    if name == "maskrcnn":
+        return MaskRCNNAdapter(cfg, max_dets)
+    model = build_model(cfg.model)
+    model.set_inference_params(max_instances=max_dets)
+    return model
+
+
+# ----------------------------------------------------------------------------- train / eval
+
+
+def read_rows(shards_dir: str, limit: int | None = None) -> pa.Table:
+    table = pa.concat_tables(pq.read_table(p) for p in reader.shard_files(shards_dir))
+    return table.slice(0, limit) if limit else table
+
+
+def epoch_batches(table: pa.Table, cfg: Config, seed: int, epoch: int):
+    """This seed's shuffled order for this epoch, decoded and augmented like the Ray reader."""
+    order = np.random.default_rng([seed, epoch]).permutation(table.num_rows)
+    size = cfg.train.batch_size
+    for start in range(0, len(order), size):
+        rows = table.take(pa.array(order[start : start + size]))
+        yield reader.collate(
+            reader.decode_batch(
+                rows, list(cfg.data.train_size), cfg.data.flip_prob, seed=seed * 100_003 + epoch
+            )
+        )
+
+
+def train(model: nn.Module, table: pa.Table, cfg: Config, seed: int) -> tuple[float, list]:
+    iters = math.ceil(table.num_rows / cfg.train.batch_size)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_lr_scheduler(optimizer, cfg, iters)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    history = []
+    start = time.perf_counter()
+    for epoch in range(cfg.train.epochs):
+        metrics = train_one_epoch(
+            model,
+            optimizer,
+            scheduler,
+            epoch_batches(table, cfg, seed, epoch),
+            torch.device("cpu"),
+            cfg,
+            scaler,
+        )
+        history.append({k: v for k, v in metrics.items() if k.startswith("loss")})
+        print(
+            f"    epoch {epoch + 1}/{cfg.train.epochs} loss {metrics['loss']:.3f} "
+            f"({metrics['epoch_time_s']:.0f} s)",
+            flush=True,
+        )
+    return time.perf_counter() - start, history
+
+
+def evaluate_model(model: nn.Module, splits, max_dets: int) -> tuple[dict, float]:
+    model.eval()
+    to_coco = {k + 1: v for k, v in enumerate(splits.categories.coco_ids)}
+    results, image_ids, seconds = [], [], 0.0
+    for path in reader.shard_files(splits.val_shards):
+        for rb in pq.ParquetFile(path).iter_batches(batch_size=1, columns=INFERENCE_COLUMNS):
+            start = time.perf_counter()
+            per_image = predict_rows(model, rb.to_pydict(), to_coco)
+            seconds += time.perf_counter() - start
+            for image_id, rows in per_image:
+                image_ids.append(image_id)
+                results.extend(rows)
+    metrics = evaluate.evaluate_coco(
+        splits.val_annotations, results, max_dets=max_dets, img_ids=image_ids
+    )
+    return evaluate.scalar_metrics(metrics), 1000 * seconds / max(1, len(image_ids))
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def summarise(values: list[float], digits: int = 3) -> str:
+    """Mean ± sample std over seeds; COCOeval's -1 (no objects of that size) shows as n/a."""
+    values = [v for v in values if v is not None and v >= 0 and not math.isnan(v)]
+    if not values:
+        return "n/a"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def table(runs: list[dict], models: list[str], max_dets: int) -> str:
+    suffix = "" if max_dets == 100 else f"@{max_dets}"
+    cols = [c.replace("/AP", f"/AP{suffix}") if c.endswith("/AP") else c for c in COLUMNS]
+    head = ["model", "seeds", *cols, "train s", "infer ms/img", "params M"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name in models:
+        mine = [r for r in runs if r["model"] == name]
+        label = PEP_VARIANTS[name][0] if name in PEP_VARIANTS else "Mask R-CNN (torchvision)"
+        cells = [label, ",".join(str(r["seed"]) for r in mine)]
+        for key in COLUMNS:
+            key = key + suffix if key.endswith("/AP") and suffix else key
+            cells.append(summarise([r["metrics"].get(key, float("nan")) for r in mine]))
+        cells.append(summarise([r["train_s"] for r in mine], digits=0))
+        cells.append(summarise([r["infer_ms"] for r in mine], digits=0))
+        cells.append(f"{mine[0]['params_m']:.1f}" if mine else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    overrides = list(args.overrides) + ([f"train.epochs={args.epochs}"] if args.epochs else [])
+    cfg = load_config(args.config, overrides)
+    splits = experiment.resolve_data(args.data, cfg, args.work_dir)  # starts Ray only to prepare
+    cfg.model.num_classes = splits.categories.num_classes
+    rows = read_rows(splits.train_shards, args.train_images)
+    print(
+        f"torch {torch.__version__}, {platform.machine()}, {args.threads} threads; data "
+        f"{splits.source}: {rows.num_rows} train images, val {splits.val_shards}; "
+        f"{cfg.train.epochs} epochs, batch {cfg.train.batch_size}, {cfg.train.optimizer} lr "
+        f"{cfg.train.lr}, sizes {cfg.data.train_size}, backbone {cfg.model.backbone}, "
+        f"maxDets {args.max_dets}",
+        flush=True,
+    )
+    runs = []
+    for seed in args.seeds:
+        for name in args.models:
+            model_cfg = load_config(args.config, overrides)
+            model_cfg.model.num_classes = cfg.model.num_classes
+            for key, value in PEP_VARIANTS.get(name, (None, {}))[1].items():
+                setattr(model_cfg.model, key, value)
+            torch.manual_seed(seed)
+            model = build(name, model_cfg, args.max_dets)
+            params = sum(p.numel() for p in model.parameters()) / 1e6
+            print(f"{name} seed {seed} ({params:.1f} M parameters)", flush=True)
+            train_s, history = train(model, rows, model_cfg, seed)
+            metrics, infer_ms = evaluate_model(model, splits, args.max_dets)
+            print(
+                f"    segm AP {metrics['segm/AP']:.3f} bbox AP {metrics['bbox/AP']:.3f}, "
+                f"train {train_s:.0f} s, {infer_ms:.0f} ms/img",
+                flush=True,
+            )
+            runs.append(
+                {
+                    "model": name,
+                    "seed": seed,
+                    "metrics": metrics,
+                    "train_s": train_s,
+                    "infer_ms": infer_ms,
+                    "params_m": params,
+                    "losses": history,
+                }
+            )
+            if args.out:
+                Path(args.out).write_text(json.dumps({"args": vars(args), "runs": runs}, indent=1))
+    print()
+    print(table(runs, args.models, args.max_dets))
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
