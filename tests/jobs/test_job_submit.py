@@ -1,4 +1,5 @@
-"""The cluster path: `ray start --head` (token auth) + `ray job submit` of jobs/train_pep.py."""
+"""The cluster path: `ray start --head` (token auth) + `ray job submit` of jobs/train_pep.py,
+then of jobs/promote_pep.py on the MLflow store the training job wrote."""
 
 from __future__ import annotations
 
@@ -75,15 +76,10 @@ def ray_head():
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def test_job_submit_trains_and_logs_a_run(ray_head, tiny_coco, tiny_overrides, tmp_path):
-    address, env = ray_head
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    job_id = f"pep-test-{int(time.time())}"
-    entrypoint = [
-        "python", "jobs/train_pep.py", "--config", "configs/tiny.yaml",
-        "--data", str(tiny_coco), "--work-dir", str(tmp_path / "work"),
-        "--tracking-uri", uri, "--name", "submitted",
-    ] + [item for s in tiny_overrides + ["train.epochs=1"] for item in ("--set", s)]  # fmt: skip
+def _run_job(address: str, env: dict[str, str], job_id: str, entrypoint: list[str]):
+    """`ray job submit` the entrypoint with the project as working dir; wait for the end.
+
+    Returns (submit output, final status text, job logs)."""
     command = [RAY, "job", "submit", "--address", address, "--working-dir", str(ROOT),
                "--submission-id", job_id, "--no-wait", "--"] + entrypoint  # fmt: skip
     for _ in range(20):  # a just-started head may not have its job agent up yet
@@ -92,8 +88,6 @@ def test_job_submit_trains_and_logs_a_run(ray_head, tiny_coco, tiny_overrides, t
             break
         time.sleep(3)
     assert submit.returncode == 0, submit.stdout[-2000:] + submit.stderr[-2000:]
-    # The upload must stay small: data, shards, stores and the virtualenv are excluded.
-    upload = [line for line in (submit.stdout + submit.stderr).splitlines() if "Uploading" in line]
     status = ""
     deadline = time.time() + 900
     while time.time() < deadline:
@@ -109,6 +103,23 @@ def test_job_submit_trains_and_logs_a_run(ray_head, tiny_coco, tiny_overrides, t
         [RAY, "job", "logs", "--address", address, job_id],
         env=env, capture_output=True, text=True, timeout=60,
     ).stdout  # fmt: skip
+    return submit.stdout + submit.stderr, status, logs
+
+
+def test_job_submit_trains_and_logs_a_run_then_promotes_it(
+    ray_head, tiny_coco, tiny_overrides, tmp_path
+):
+    address, env = ray_head
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    job_id = f"pep-test-{int(time.time())}"
+    entrypoint = [
+        "python", "jobs/train_pep.py", "--config", "configs/tiny.yaml",
+        "--data", str(tiny_coco), "--work-dir", str(tmp_path / "work"),
+        "--tracking-uri", uri, "--name", "submitted",
+    ] + [item for s in tiny_overrides + ["train.epochs=1"] for item in ("--set", s)]  # fmt: skip
+    submitted, status, logs = _run_job(address, env, job_id, entrypoint)
+    # The upload must stay small: data, shards, stores and the virtualenv are excluded.
+    upload = [line for line in submitted.splitlines() if "Uploading" in line]
     assert "' succeeded" in status, status + logs[-4000:]
     assert "MLflow run:" in logs and "| segm |" in logs
 
@@ -123,3 +134,17 @@ def test_job_submit_trains_and_logs_a_run(ray_head, tiny_coco, tiny_overrides, t
         if "MiB" in line:  # e.g. "Uploading package ... (1.23MiB) to Ray cluster"
             size = float(line.split("(")[-1].split("MiB")[0])
             assert size < 20, line
+
+    # The registry step of the cluster workflow: the best run of the experiment -> @champion.
+    _, status, logs = _run_job(
+        address,
+        env,
+        f"{job_id}-promote",
+        ["python", "jobs/promote_pep.py", "--experiment", "pep", "--tracking-uri", uri],
+    )
+    assert "' succeeded" in status, status + logs[-4000:]
+    assert "FIRST_CHAMPION" in logs
+    champion = client.get_model_version_by_alias("pep", "champion")
+    assert champion.run_id == run.info.run_id
+    assert champion.tags["promotion.decision"] == "first_champion"
+    assert champion.tags["data_fingerprint"] == run.data.tags["data_fingerprint"]
