@@ -137,6 +137,11 @@ class SweepSummary:
             lines.append(f"train it:     python jobs/train_pep.py --config {self.best_config_path}")
         else:
             lines.append("no trial finished with an AP; see the errors above")
+        unfinished = sum(r.status.startswith("unfinished") for r in self.rows)
+        if unfinished:
+            lines.append(
+                f"unfinished:   {unfinished} trial(s); continue with --resume --name {self.name}"
+            )
         lines += [
             f"sweep:        {self.experiment_path}",
             f"MLflow run:   {self.parent_run_id} (one child run per trial)",
@@ -484,11 +489,13 @@ def run_sweep(
     # objective; Tune's strict check would reject the per-epoch ones for lacking the objective.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     status = "FAILED"
+    client.update_run(spec.parent_run_id, status="RUNNING")
     try:
         results = _make_tuner(spec, restore=resume).fit()
         rows = collect_rows(results, spec, client)
         summary = _finish(spec, rows, client, work_dir)
-        status = "FINISHED"
+        interrupted = any(r.status.startswith("unfinished") for r in rows)
+        status = "KILLED" if interrupted else "FINISHED"
         return summary
     finally:
         client.set_terminated(spec.parent_run_id, status)
@@ -531,6 +538,9 @@ def collect_rows(
             [experiment.experiment_id], f"tags.mlflow.parentRunId = '{spec.parent_run_id}'"
         )
     }
+    # Tune's trial status tells an ASHA stop (TERMINATED without the objective) from a trial
+    # that an interrupted sweep left unfinished.
+    statuses = {t.path: t.status for t in ray.tune.ExperimentAnalysis(spec.experiment_path).trials}
     rows = []
     for result in results:
         frame = result.metrics_dataframe
@@ -550,8 +560,11 @@ def collect_rows(
         child = children.get(trial_run_name(spec.name, trial_id))
         row = TrialRow(trial_id, weights, "completed", epochs=epochs)
         row.run_id = child.info.run_id if child else None
-        if result.error is not None:
+        status = statuses.get(result.path, "TERMINATED")
+        if result.error is not None or status == "ERROR":
             row.status = "error"
+        elif status != "TERMINATED":
+            row.status = f"unfinished ({status.lower()})"
         elif OBJECTIVE in final and final[OBJECTIVE] == final[OBJECTIVE]:
             row.best_ap = float(final[OBJECTIVE])
             row.best_threshold = float(final["best_threshold"])
@@ -595,7 +608,7 @@ def _finish(
 ) -> SweepSummary:
     """Leaderboard, best config, parent-run artifacts; close the runs of stopped trials."""
     for row in rows:
-        if row.run_id and row.best_ap is None:
+        if row.run_id and row.best_ap is None and not row.status.startswith("unfinished"):
             run = client.get_run(row.run_id)
             if run.info.status == "RUNNING":  # its trial actor was stopped or died
                 client.set_tag(row.run_id, "sweep_status", row.status)
@@ -622,6 +635,7 @@ def _finish(
         "trials_completed": sum(r.best_ap is not None for r in rows),
         "trials_stopped": sum(r.status.startswith("stopped") for r in rows),
         "trials_failed": sum(r.status == "error" for r in rows),
+        "trials_unfinished": sum(r.status.startswith("unfinished") for r in rows),
     }
     for key, value in counts.items():
         client.log_metric(spec.parent_run_id, key, value)
