@@ -121,7 +121,9 @@ class Decision:
             if self.champion_version and self.champion_value is not None
             else (f"version {self.champion_version}" if self.champion_version else "none")
         )
-        if self.dry_run:
+        if self.decision == ALREADY_CHAMPION:
+            version = f"{self.model_name} version {self.champion_version} (unchanged)"
+        elif self.dry_run:
             version = "not registered (dry run: nothing changed)"
         else:
             version = f"{self.model_name} version {self.version}"
