@@ -176,7 +176,8 @@ def _run_variant(config: dict[str, Any], run_name: str, kwargs: dict[str, Any]) 
     """Ray task: one variant x seed through `train_and_evaluate` (it reserves its own CPUs).
 
     num_cpus=0: the task only waits on its TorchTrainer and evaluation, which hold the
-    resources; max_retries=0: a retry would collide with the run's own storage directory.
+    resources; max_retries=0: `_run_all` retries itself, resuming the run (a plain task
+    retry would start over and collide with the run's own storage directory).
     """
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     summary = experiment.train_and_evaluate(config_from_dict(config), name=run_name, **kwargs)
