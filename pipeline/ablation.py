@@ -501,8 +501,9 @@ def format_table(outcomes: Sequence[RunOutcome], variants: Sequence[Variant] = V
         + (" (mean ± sample std)" if len(seeds) > 1 else "")
         + "; train s = Ray Train fit wall time (validation beside it included); "
         "infer ms/img = final evaluation wall time (Ray Data inference + COCOeval) per val "
-        "image. Runs that share a machine slow each other down: compare times only between "
-        "runs made with the same --max-parallel.",
+        "image, model replica start-up included (it dominates on small val sets). Runs that "
+        "share a machine slow each other down: compare times only between runs made with the "
+        "same --max-parallel.",
     ]
     if failures:
         lines += ["", "Failed runs:"]
