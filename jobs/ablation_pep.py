@@ -1,7 +1,7 @@
 """The paper's Table 2: train and evaluate Baseline, +excavating, +purifying and PEP.
 
 Every variant x seed trains with the same data, config and schedule (only model.excavate,
-model.purify and train.seed differ), as Ray tasks side by side when the cluster holds them.
+model.purify and train.seed differ), as Ray tasks side by side as far as resources allow.
 MLflow gets a parent run (table `ablation.md`, numbers `ablation.json`) with one child run
 per variant x seed. With no arguments: the generated crowded scenes and
 configs/ablation_tiny.yaml (~20 minutes on a 2-core CPU). On a cluster:
@@ -50,8 +50,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--max-parallel",
         type=int,
         default=None,
-        help="runs side by side (default: as many as the cluster's CPUs/GPUs hold, e.g. 1 on "
-        "a 2-CPU machine)",
+        help="runs side by side (default: as many as the cluster's CPUs/GPUs hold; a local "
+        "Ray started by the job holds one run per --num-workers cores, e.g. 2 on 2 cores)",
     )
     parser.add_argument(
         "--storage-path",

@@ -96,6 +96,14 @@ def test_parallel_runs_follow_cluster_resources(tiny_config):
     assert ablation.parallel_runs({"CPU": 1}, cfg, 1, use_gpu=False, validate=True) == 1
 
 
+def test_a_local_ray_is_sized_for_one_run_per_core(tiny_config):
+    cfg = tiny_config()  # one run holds 2 logical CPUs
+    assert ablation.local_ray_size(cfg, 1, True, None, num_runs=4, cores=2) == (2, 4)
+    assert ablation.local_ray_size(cfg, 1, True, None, num_runs=4, cores=16) == (4, 16)
+    assert ablation.local_ray_size(cfg, 1, True, 1, num_runs=4, cores=2) == (1, 2)
+    assert ablation.local_ray_size(cfg, 4, True, None, num_runs=4, cores=2) == (1, 5)
+
+
 @ray.remote(num_cpus=0)
 def _fake_run(config: dict, run_name: str, kwargs: dict) -> dict:
     if config["model"]["purify"] and not config["model"]["excavate"]:
