@@ -4,7 +4,7 @@ Every variant x seed trains with the same data, config and schedule (only model.
 model.purify and train.seed differ), as Ray tasks side by side as far as resources allow.
 MLflow gets a parent run (table `ablation.md`, numbers `ablation.json`) with one child run
 per variant x seed. With no arguments: the generated crowded scenes and
-configs/ablation_tiny.yaml (~20 minutes on a 2-core CPU). On a cluster:
+configs/ablation_tiny.yaml (~15 minutes on a 2-core CPU, two runs at a time). On a cluster:
 
     ray job submit --working-dir . -- python jobs/ablation_pep.py \
         --config configs/coco_r50_1x.yaml --seeds 1 2 3 --data /shared/coco-shards \
