@@ -28,7 +28,7 @@ import ray.train
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pep_model import Config, config_from_dict, config_to_dict, save_config
-from pipeline import evaluate, experiment, tracking
+from pipeline import cluster, evaluate, experiment, tracking
 from pipeline.inference import resolve_use_gpu
 from pipeline.train import RunExistsError, run_directory_exists
 
@@ -160,12 +160,12 @@ def init_ray(
     other (measured under load from other processes). Returns the parallelism to use.
     """
     if os.environ.get("RAY_ADDRESS"):
-        ray.init()  # e.g. under `ray job submit`
+        cluster.init_ray()  # e.g. under `ray job submit`
         return max_parallel
     parallel, logical = local_ray_size(
         cfg, num_workers, validate, max_parallel, num_runs, os.cpu_count() or 1
     )
-    ray.init(num_cpus=logical)
+    cluster.init_ray(num_cpus=logical)
     return parallel
 
 

@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from pep_model import Config, config_to_dict, load_checkpoint, save_config
-from pipeline import evaluate, inference, synth, tracking, visualize
+from pipeline import cluster, evaluate, inference, synth, tracking, visualize
 from pipeline.coco import CategoryMap
 from pipeline.prepare import PrepareConfig, prepare, read_manifest
 from pipeline.train import CHECKPOINT_FILE, TrainingRun, run_training
@@ -269,8 +269,7 @@ def train_and_evaluate(
     """
     start = time.perf_counter()
     work_dir = Path(work_dir).resolve()
-    if not ray.is_initialized():
-        ray.init()  # joins RAY_ADDRESS (e.g. under `ray job submit`), else starts locally
+    cluster.init_ray()  # joins RAY_ADDRESS (e.g. under `ray job submit`), else starts locally
     splits = resolve_data(data, cfg, work_dir)
     if cfg.model.num_classes != splits.categories.num_classes:
         logger.warning(

@@ -19,7 +19,6 @@ import json
 import logging
 import math
 import os
-import socket
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,7 +33,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from pep_model import Config, config_from_dict, config_to_dict, save_config
-from pipeline import experiment, tracking
+from pipeline import cluster, experiment, tracking
 from pipeline.inference import resolve_use_gpu
 from pipeline.train import run_directory_exists
 
@@ -295,27 +294,6 @@ def pep_trial(config: dict[str, Any], spec: SweepSpec) -> None:
 # ----------------------------------------------------------------------------- driver
 
 
-def init_ray() -> None:
-    """Join RAY_ADDRESS (e.g. under `ray job submit`), else start a local instance.
-
-    A local instance gets an explicit dashboard port, announced to its own processes as
-    RAY_API_SERVER_ADDRESS: Ray Train's PlacementGroupCleaner, which frees the worker group's
-    resources when Tune (ASHA) stops a trial, looks the cluster up through the state API and
-    fails when several Ray instances run on the machine ("Found multiple active Ray
-    instances"); the stopped trial's CPUs then stay reserved and the next trial waits forever.
-    """
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()
-        return
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    ray.init(
-        dashboard_port=port,
-        runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}},
-    )
-
-
 def default_max_concurrent(workers_per_trial: int, use_gpu: bool, cfg: Config) -> int:
     """Trials that fit on the cluster at once: CPUs for workers + data reading + validation
     (and one GPU per worker with `use_gpu`)."""
@@ -423,7 +401,7 @@ def run_sweep(
     """
     work_dir = Path(work_dir).resolve()
     if not ray.is_initialized():
-        init_ray()
+        cluster.init_ray()
     storage_path = absolute_storage(storage_path or str(work_dir / "sweeps"))
     experiment_path = f"{storage_path.rstrip('/')}/{name}"
 

@@ -1,0 +1,33 @@
+"""Joining or starting Ray for the jobs (one place, so every job gets the same fix)."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import ray
+
+
+def init_ray(num_cpus: int | None = None) -> None:
+    """Join RAY_ADDRESS (e.g. under `ray job submit`), else start a local instance.
+
+    A local instance gets an explicit dashboard port, announced to its own processes as
+    RAY_API_SERVER_ADDRESS: Ray Train's PlacementGroupCleaner, which frees a worker group's
+    resources when a run ends or Tune (ASHA) stops a trial, looks the cluster up through the
+    state API and fails when several Ray instances run on the machine ("Found multiple active
+    Ray instances"); the run's CPUs then stay reserved and the next run waits forever.
+    `num_cpus` sizes the local instance's logical CPUs (ignored when joining a cluster).
+    """
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+        return
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ray.init(
+        num_cpus=num_cpus,
+        dashboard_port=port,
+        runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}},
+    )
