@@ -1,5 +1,6 @@
 """Register a run's PEP model in the MLflow registry; move @champion only when it wins.
 
+    python jobs/promote_pep.py                                           # best run of `pep`
     python jobs/promote_pep.py --run-id 3f2a...                          # one run
     python jobs/promote_pep.py --experiment pep --metric segm/AP         # the best run
     python jobs/promote_pep.py --experiment pep-sweep --parent-run-id P  # best trial of a sweep
@@ -40,10 +41,13 @@ EXIT_REFUSED = 3
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], add_help=add_help)
-    source = parser.add_mutually_exclusive_group(required=True)
+    source = parser.add_mutually_exclusive_group()
     source.add_argument("--run-id", default=None, help="promote this run's model")
     source.add_argument(
-        "--experiment", default=None, help="promote the best run of this MLflow experiment"
+        "--experiment",
+        default=None,
+        help="promote the best run of this MLflow experiment (default without --run-id: "
+        f"{tracking.DEFAULT_EXPERIMENT!r}, where jobs/train_pep.py logs)",
     )
     parser.add_argument(
         "--parent-run-id",
@@ -81,6 +85,8 @@ def main(args: argparse.Namespace) -> int:
     if args.parent_run_id and not args.experiment:
         print("error: --parent-run-id needs --experiment", file=sys.stderr)
         return EXIT_BAD_INPUT
+    if args.run_id is None and args.experiment is None:
+        args.experiment = tracking.DEFAULT_EXPERIMENT  # the best run of the default training
     uri = tracking.resolve_tracking_uri(args.tracking_uri, default_dir=args.work_dir)
     try:
         decision = registry.promote(

@@ -140,7 +140,8 @@ def test_job_submit_trains_and_logs_a_run_then_promotes_it(
         address,
         env,
         f"{job_id}-promote",
-        ["python", "jobs/promote_pep.py", "--experiment", "pep", "--tracking-uri", uri],
+        # no --run-id/--experiment: the best run of experiment `pep`, where train_pep logged
+        ["python", "jobs/promote_pep.py", "--tracking-uri", uri],
     )
     assert "' succeeded" in status, status + logs[-4000:]
     assert "FIRST_CHAMPION" in logs
