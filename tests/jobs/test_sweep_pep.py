@@ -72,9 +72,16 @@ def test_each_trial_is_a_child_run_with_searched_params_and_ap(finished_sweep):
     assert parent.data.metrics["trials_completed"] == 2
 
 
+def _by_ap(children):
+    """Best first, with the sweep's tie rule (equal AP: lower Tune trial id first)."""
+    return sorted(
+        children, key=lambda c: (-c.data.metrics["best_segm_AP"], c.data.tags["tune_trial_id"])
+    )
+
+
 def test_best_config_loads_and_carries_the_best_trial(finished_sweep):
     work, _, client, parent, children, _ = finished_sweep
-    best = max(children, key=lambda c: c.data.metrics["best_segm_AP"])
+    best = _by_ap(children)[0]
     path = work / "sweeps" / "sw" / "best_config.yaml"
     cfg = load_config(path)  # what `jobs/train_pep.py --config` does with it
     for name in RANGES:
@@ -95,7 +102,7 @@ def test_leaderboard_lists_every_trial_best_first(finished_sweep):
     ).read_text()
     rows = [line for line in text.splitlines() if line.startswith("| ") and "rank" not in line]
     assert len(rows) == 2
-    by_ap = sorted(children, key=lambda c: -c.data.metrics["best_segm_AP"])
+    by_ap = _by_ap(children)
     for rank, (row, child) in enumerate(zip(rows, by_ap), 1):
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert cells[0] == str(rank)
