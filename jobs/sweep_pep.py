@@ -32,6 +32,7 @@ DEMO_OVERRIDES = [
     "train.milestones=[3]",
     "train.warmup_iters=10",
     "eval.every_epochs=2",
+    "train.cpus_per_worker=1",  # two 1-core trials side by side (as measured), not one 2-core
 ]
 
 

@@ -93,6 +93,9 @@ class DataConfig:
     generated_images: int = 400  # generated data only
     generated_size: int = 256  # generated data only
     reader_cpus: float = 0.5  # CPUs per Ray Data decode task
+    # Training shards up to this size (MiB on disk, encoded) are read once and kept in Ray's
+    # object store across epochs; larger ones are re-read every epoch. 0: always re-read.
+    cache_shards_mb: float = 1024
 
 
 @dataclass
@@ -112,6 +115,9 @@ class TrainConfig:
     amp: bool = True  # mixed precision, only used on GPU
     seed: int = 0
     num_workers: int = 1
+    # CPUs each Ray Train worker reserves, and its torch threads (intra-op parallelism). One
+    # CPU-only worker on a small machine trains faster with all cores than DDP over them.
+    cpus_per_worker: int = 1
     use_gpu: str = "auto"  # auto | true | false
     max_failures: int = 2
 

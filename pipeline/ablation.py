@@ -30,12 +30,11 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from pep_model import Config, config_from_dict, config_to_dict, save_config
 from pipeline import cluster, evaluate, experiment, tracking
 from pipeline.inference import resolve_use_gpu
-from pipeline.train import RunExistsError, run_directory_exists
+from pipeline.train import RunExistsError, run_cpus, run_directory_exists
 
 logger = logging.getLogger(__name__)
 
 COLUMNS = ("AP", "AP50", "AP75", "APs", "APm", "APl")  # segm metrics, as in Table 2
-VALIDATION_CPUS = 0.5  # the validation task beside training (experiment.validate_checkpoint)
 SYSTEM_RETRIES = 1  # extra attempts of a run that Ray (not the run's own code) stopped
 
 
@@ -132,7 +131,7 @@ def variant_config(base: Config, variant: Variant, seed: int) -> Config:
 
 def cpus_per_run(cfg: Config, num_workers: int, validate: bool = True) -> float:
     """Logical CPUs one run holds while training: workers, Ray Data decoding, validation."""
-    return num_workers + cfg.data.reader_cpus + (VALIDATION_CPUS if validate else 0.0)
+    return run_cpus(cfg, num_workers, validate)
 
 
 def parallel_runs(
@@ -154,10 +153,11 @@ def init_ray(
 ) -> int | None:
     """Join RAY_ADDRESS's cluster, or start a local Ray that holds `max_parallel` runs.
 
-    Locally the default is one run per `num_workers` cores: a run's training worker uses
-    one core (one torch thread) while it holds 2 logical CPUs (see `cpus_per_run`), so on
-    2 cores two runs side by side finished 2 equal runs in 177 s against 254 s one after the
-    other (measured under load from other processes). Returns the parallelism to use.
+    Locally the default is one run per `num_workers x train.cpus_per_worker` cores: a run's
+    workers use that many cores (torch threads) while the run holds a little more in
+    logical CPUs (see `cpus_per_run`); on 2 cores, two 1-CPU runs side by side finished in
+    177 s against 254 s one after the other (measured under load from other processes).
+    Returns the parallelism to use.
     """
     if os.environ.get("RAY_ADDRESS"):
         cluster.init_ray()  # e.g. under `ray job submit`
@@ -178,7 +178,9 @@ def local_ray_size(
     cores: int,
 ) -> tuple[int, int]:
     """(runs side by side, logical CPUs) for a local Ray on `cores` cores (see `init_ray`)."""
-    parallel = min(max_parallel or max(1, cores // num_workers), num_runs)
+    parallel = min(
+        max_parallel or max(1, cores // (num_workers * cfg.train.cpus_per_worker)), num_runs
+    )
     return parallel, max(cores, math.ceil(parallel * cpus_per_run(cfg, num_workers, validate)))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 
@@ -31,3 +32,15 @@ def init_ray(num_cpus: int | None = None) -> None:
         dashboard_port=port,
         runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}},
     )
+
+
+def local_cpus(run_cpus: float) -> int:
+    """Logical CPUs for a local Ray that must hold one run needing `run_cpus` (see
+    `pipeline.train.run_cpus`): at least the machine's cores.
+
+    A run's Ray Data decoding and validation tasks hold logical CPUs beside its training
+    workers; with only as many logical CPUs as cores, a worker that reserves every core
+    leaves them none and training waits forever ("backpressured: ResourceBudget"). They are
+    light next to training, so the cores are over-subscribed a little instead.
+    """
+    return max(os.cpu_count() or 1, math.ceil(run_cpus))

@@ -30,7 +30,7 @@ from pep_model import Config, config_to_dict, load_checkpoint, save_config
 from pipeline import cluster, evaluate, inference, synth, tracking, visualize
 from pipeline.coco import CategoryMap
 from pipeline.prepare import PrepareConfig, prepare, read_manifest
-from pipeline.train import CHECKPOINT_FILE, TrainingRun, run_training
+from pipeline.train import CHECKPOINT_FILE, VALIDATION_CPUS, TrainingRun, run_cpus, run_training
 
 logger = logging.getLogger(__name__)
 
@@ -269,7 +269,10 @@ def train_and_evaluate(
     """
     start = time.perf_counter()
     work_dir = Path(work_dir).resolve()
-    cluster.init_ray()  # joins RAY_ADDRESS (e.g. under `ray job submit`), else starts locally
+    # Joins RAY_ADDRESS (e.g. under `ray job submit`), else starts a local Ray sized for the run.
+    cluster.init_ray(
+        num_cpus=cluster.local_cpus(run_cpus(cfg, num_workers or cfg.train.num_workers, validate))
+    )
     splits = resolve_data(data, cfg, work_dir)
     if cfg.model.num_classes != splits.categories.num_classes:
         logger.warning(
@@ -321,7 +324,7 @@ def train_and_evaluate(
                 ),
                 # "DEFAULT": outside any placement group; inside a Tune trial (whose placement
                 # group captures child tasks) the task would not fit the trial's bundle.
-                ray_remote_kwargs={"num_cpus": 0.5, "scheduling_strategy": "DEFAULT"},
+                ray_remote_kwargs={"num_cpus": VALIDATION_CPUS, "scheduling_strategy": "DEFAULT"},
             )
         train_start = time.perf_counter()
         trained = run_training(

@@ -108,6 +108,14 @@ def open_shards(shards_dir: str | os.PathLike) -> ray.data.Dataset:
     return ray.data.read_parquet(files, file_extensions=["parquet"])
 
 
+def _shards_mb(shards_dir: str | os.PathLike) -> float:
+    """Size of the shard files on disk, in MiB (local paths; remote ones count as large)."""
+    try:
+        return sum(os.path.getsize(f) for f in shard_files(shards_dir)) / 2**20
+    except OSError:
+        return float("inf")
+
+
 def category_map(shards_dir: str | os.PathLike) -> CategoryMap:
     """Contiguous class ids <-> COCO category ids (and names) of the shards."""
     return CategoryMap.from_dict(read_manifest(shards_dir)["categories"])
@@ -273,12 +281,21 @@ def training_dataset(
     seed: int | None = None,
     augment: bool = True,
 ) -> ray.data.Dataset:
-    """Shards -> decoded (and, with `augment`, scale-jittered and flipped) rows, lazily.
+    """Shards -> decoded (and, with `augment`, scale-jittered and flipped) rows.
 
-    Pass the result to `TorchTrainer(datasets={"train": ...})`; each worker reads its part
-    with `ray.train.get_dataset_shard("train")` and `iter_model_batches`.
+    Decoding is lazy (it runs again every epoch, so augmentations differ); with `augment`,
+    shards up to `data_cfg.cache_shards_mb` are read here once and their encoded rows kept in
+    Ray's object store. Pass the result to `TorchTrainer(datasets={"train": ...})`; each
+    worker reads its part with `ray.train.get_dataset_shard("train")` and
+    `iter_model_batches`.
     """
-    return open_shards(shards_dir).map_batches(
+    rows = open_shards(shards_dir)
+    if augment and _shards_mb(shards_dir) <= data_cfg.cache_shards_mb:
+        # Each epoch re-executes the dataset; without this it also lists and reads the files
+        # again (measured: ~6 s before the first batch of every epoch on 48 images, 0.3 s
+        # when the encoded rows are kept). Decoding and augmentation still run every epoch.
+        rows = rows.materialize()
+    return rows.map_batches(
         decode_batch,
         batch_format="pyarrow",
         batch_size=_MAP_BATCH_ROWS,

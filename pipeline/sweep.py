@@ -35,7 +35,7 @@ from ray.tune.search.optuna import OptunaSearch
 from pep_model import Config, config_from_dict, config_to_dict, save_config
 from pipeline import cluster, experiment, tracking
 from pipeline.inference import resolve_use_gpu
-from pipeline.train import run_directory_exists
+from pipeline.train import run_cpus, run_directory_exists
 
 logger = logging.getLogger(__name__)
 
@@ -298,7 +298,7 @@ def default_max_concurrent(workers_per_trial: int, use_gpu: bool, cfg: Config) -
     """Trials that fit on the cluster at once: CPUs for workers + data reading + validation
     (and one GPU per worker with `use_gpu`)."""
     resources = ray.cluster_resources()
-    per_trial_cpus = workers_per_trial + cfg.data.reader_cpus + 0.5
+    per_trial_cpus = run_cpus(cfg, workers_per_trial)
     fit = math.floor(resources.get("CPU", 1) / per_trial_cpus)
     if use_gpu:
         fit = min(fit, math.floor(resources.get("GPU", 0) / workers_per_trial))
@@ -401,7 +401,8 @@ def run_sweep(
     """
     work_dir = Path(work_dir).resolve()
     if not ray.is_initialized():
-        cluster.init_ray()
+        workers = workers_per_trial or cfg.train.num_workers
+        cluster.init_ray(num_cpus=cluster.local_cpus(run_cpus(cfg, workers)))
     storage_path = absolute_storage(storage_path or str(work_dir / "sweeps"))
     experiment_path = f"{storage_path.rstrip('/')}/{name}"
 

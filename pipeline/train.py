@@ -39,6 +39,7 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "checkpoint.pt"
 PROBE_DIR = ".storage_probe"
+VALIDATION_CPUS = 0.5  # the validation task beside training (experiment.validate_checkpoint)
 
 
 class RunExistsError(RuntimeError):
@@ -159,6 +160,15 @@ def run_directory_exists(storage_path: str, name: str) -> bool:
     return any(not entry.base_name.startswith(PROBE_DIR) for entry in fs.get_file_info(selector))
 
 
+def run_cpus(cfg: Config, num_workers: int, validate: bool = True) -> float:
+    """Logical CPUs one training run holds: its workers, Ray Data decoding and validation."""
+    return (
+        num_workers * cfg.train.cpus_per_worker
+        + cfg.data.reader_cpus
+        + (VALIDATION_CPUS if validate else 0.0)
+    )
+
+
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     # prepare_model wraps in DDP only when world_size > 1.
     return getattr(model, "module", model)
@@ -185,13 +195,25 @@ def train_one_epoch(
     cfg: Config,
     scaler: torch.amp.GradScaler,
 ) -> dict[str, float]:
-    """One pass over this worker's shard; returns mean loss terms, lr and images/s."""
+    """One pass over this worker's shard; returns mean loss terms, lr and images/s.
+
+    `data_wait_s` is the time spent waiting for the next batch (reading, decoding and
+    collating upstream): when it is a large share of `epoch_time_s`, training is input-bound.
+    """
     model.train()
     sums: dict[str, float] = defaultdict(float)
     steps = images_seen = 0
+    data_wait = 0.0
     use_amp = cfg.train.amp and device.type == "cuda"
     start = time.perf_counter()
-    for images, targets in batches:
+    batches = iter(batches)
+    while True:
+        wait_start = time.perf_counter()
+        try:
+            images, targets = next(batches)
+        except StopIteration:
+            break
+        data_wait += time.perf_counter() - wait_start
         images, targets = _to_device(images, targets, device)
         with torch.autocast(device_type=device.type, enabled=use_amp):
             losses = model(images, targets)
@@ -221,6 +243,7 @@ def train_one_epoch(
         images_per_s=images_seen / max(elapsed, 1e-9),
         steps=steps,
         epoch_time_s=elapsed,
+        data_wait_s=data_wait,
     )
     return metrics
 
@@ -235,6 +258,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             loop_config["storage_path"], loop_config["name"], loop_config["probe_token"], rank
         )
     torch.manual_seed(cfg.train.seed + rank)
+    # Ray sets OMP_NUM_THREADS to the worker's CPUs; torch may have read it before that.
+    torch.set_num_threads(max(1, cfg.train.cpus_per_worker))
 
     shard = ray.train.get_dataset_shard("train")
     device = ray.train.torch.get_device()
@@ -263,7 +288,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             shard, cfg.train.batch_size, local_shuffle_buffer_size=4 * cfg.train.batch_size
         )
         metrics = train_one_epoch(model, optimizer, scheduler, batches, device, cfg, scaler)
-        metrics.update(epoch=epoch, resumed_from=start_epoch - 1)
+        metrics.update(
+            epoch=epoch, resumed_from=start_epoch - 1, torch_threads=torch.get_num_threads()
+        )
         if rank == 0 and loop_config.get("mlflow_run"):
             run_id, tracking_uri = loop_config["mlflow_run"]
             log_metrics_safely(run_id, metrics, step=epoch, tracking_uri=tracking_uri)
@@ -333,13 +360,14 @@ def run_training(
     # seed=None: fresh augmentations every epoch (each epoch re-executes the dataset).
     dataset = reader.training_dataset(train_shards, cfg.data, seed=None)
     cpus = ray.cluster_resources().get("CPU", 0)
-    if cpus < num_workers + cfg.data.reader_cpus:
+    if cpus < run_cpus(cfg, num_workers, validate=False):
         logger.warning(
-            "the cluster has %g CPUs: %d training workers take 1 each and Ray Data needs %g "
+            "the cluster has %g CPUs: %d training workers take %d each and Ray Data needs %g "
             "more to read and decode the shards; training waits until CPUs are added "
-            "(lower --num-workers or add nodes)",
+            "(lower --num-workers or train.cpus_per_worker, or add nodes)",
             cpus,
             num_workers,
+            cfg.train.cpus_per_worker,
             cfg.data.reader_cpus,
         )
     rows = read_manifest(train_shards)["counts"]["images_written"]
@@ -358,7 +386,10 @@ def run_training(
             "mlflow_run": mlflow_run,
         },
         scaling_config=ScalingConfig(
-            num_workers=num_workers, use_gpu=gpu, placement_strategy=placement_strategy
+            num_workers=num_workers,
+            use_gpu=gpu,
+            resources_per_worker={"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if gpu else {})},
+            placement_strategy=placement_strategy,
         ),
         run_config=RunConfig(
             name=name,

@@ -47,6 +47,7 @@ TINY_OVERRIDES = [
     "data.train_size=[96]",
     "data.max_size=96",
     "train.batch_size=2",
+    "train.cpus_per_worker=1",  # the tests' Ray has 2 CPUs, shared by several runs
     "train.warmup_iters=5",
     "train.epochs=2",
     "train.milestones=[100]",

@@ -102,6 +102,11 @@ def test_a_local_ray_is_sized_for_one_run_per_core(tiny_config):
     assert ablation.local_ray_size(cfg, 1, True, None, num_runs=4, cores=16) == (4, 16)
     assert ablation.local_ray_size(cfg, 1, True, 1, num_runs=4, cores=2) == (1, 2)
     assert ablation.local_ray_size(cfg, 4, True, None, num_runs=4, cores=2) == (1, 5)
+    # a run whose worker takes both cores (train.cpus_per_worker=2) runs alone on 2 cores
+    two = tiny_config("train.cpus_per_worker=2")  # one run holds 3 logical CPUs
+    assert ablation.local_ray_size(two, 1, True, None, num_runs=4, cores=2) == (1, 3)
+    assert ablation.local_ray_size(two, 1, True, None, num_runs=4, cores=8) == (4, 12)
+    assert ablation.parallel_runs({"CPU": 6}, two, 1, use_gpu=False, validate=True) == 2
 
 
 @ray.remote(num_cpus=0)

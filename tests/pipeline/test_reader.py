@@ -165,6 +165,30 @@ def test_ray_data_path_matches_local_decoding(tiny_shards):
             assert torch.equal(target[key], other[key]), key
 
 
+@pytest.mark.parametrize("cache_mb,survives", [(1024.0, True), (0.0, False)])
+def test_small_shards_are_read_once_and_kept_across_epochs(
+    ray_session, tiny_shards, tmp_path, cache_mb, survives
+):
+    """Cached shards: later epochs decode the kept rows, so they no longer need the files."""
+    import shutil
+
+    import ray
+
+    copy = tmp_path / "train"
+    shutil.copytree(tiny_shards / "train", copy)
+    cfg = DataConfig(train_size=[64], flip_prob=0.5, cache_shards_mb=cache_mb)
+    dataset = training_dataset(copy, cfg, seed=None)
+    first = sorted(row["image_id"] for row in dataset.iter_rows())
+    assert len(first) == 12  # tiny_coco's train split, every image
+    for shard in copy.glob("shard-*.parquet"):
+        shard.unlink()
+    if survives:
+        assert sorted(row["image_id"] for row in dataset.iter_rows()) == first
+    else:
+        with pytest.raises((ray.exceptions.RayError, OSError, FileNotFoundError)):
+            list(dataset.iter_rows())
+
+
 @pytest.mark.slow
 def test_torch_trainer_worker_sees_every_image(ray_session, tiny_shards, tmp_path):
     from ray.train import RunConfig, ScalingConfig

@@ -20,6 +20,7 @@ from pipeline.train import (
     build_optimizer,
     check_storage_probe,
     load_training_checkpoint,
+    run_cpus,
     run_training,
     write_storage_probe,
 )
@@ -49,6 +50,20 @@ def test_lr_schedule_warms_up_then_steps_at_milestones(tiny_config):
     assert lrs[15:20] == pytest.approx([0.001] * 5)  # epoch 3
 
 
+def test_a_run_holds_cpus_for_its_workers_decoding_and_validation(tiny_config):
+    from pipeline import cluster
+
+    one = tiny_config("train.cpus_per_worker=1", "data.reader_cpus=0.5")
+    two = tiny_config("train.cpus_per_worker=2", "data.reader_cpus=0.5")
+    assert run_cpus(one, num_workers=1) == 2.0  # worker + decoding + validation
+    assert run_cpus(two, num_workers=3) == 7.0
+    assert run_cpus(two, num_workers=1, validate=False) == 2.5
+    # A local Ray gets at least the machine's cores, and room for the run's small tasks.
+    cores = os.cpu_count() or 1
+    assert cluster.local_cpus(2.5) == max(cores, 3)
+    assert cluster.local_cpus(0.5) == cores
+
+
 def test_checkpoints_load_and_existing_run_needs_resume(tiny_config, tiny_shards, tmp_path):
     cfg = tiny_config("train.epochs=1")
     run = run_training(cfg, str(tiny_shards / "train"), storage_path=str(tmp_path), name="once")
@@ -58,6 +73,8 @@ def test_checkpoints_load_and_existing_run_needs_resume(tiny_config, tiny_shards
     model, loaded_cfg = load_checkpoint(Path(run.checkpoint_path) / CHECKPOINT_FILE)
     assert loaded_cfg.model.fpn_channels == 32
     assert run.result.metrics["steps"] == 6  # 12 train images / batch 2 / 1 worker
+    assert run.result.metrics["torch_threads"] == cfg.train.cpus_per_worker == 1
+    assert 0 <= run.result.metrics["data_wait_s"] <= run.result.metrics["epoch_time_s"]
     assert all(
         torch.isfinite(torch.tensor(v)) for k, v in run.result.metrics.items() if "loss" in k
     )
