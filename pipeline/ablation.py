@@ -129,11 +129,6 @@ def variant_config(base: Config, variant: Variant, seed: int) -> Config:
     return cfg
 
 
-def cpus_per_run(cfg: Config, num_workers: int, validate: bool = True) -> float:
-    """Logical CPUs one run holds while training: workers, Ray Data decoding, validation."""
-    return run_cpus(cfg, num_workers, validate)
-
-
 def parallel_runs(
     resources: dict[str, float], cfg: Config, num_workers: int, use_gpu: bool, validate: bool
 ) -> int:
@@ -142,7 +137,7 @@ def parallel_runs(
     A run that cannot get its CPUs does not fail, it waits; more runs than fit would just
     queue inside Ray Data/Train (or starve Ray Data's decode tasks: training then hangs).
     """
-    fits = math.floor(resources.get("CPU", 0) / cpus_per_run(cfg, num_workers, validate))
+    fits = math.floor(resources.get("CPU", 0) / run_cpus(cfg, num_workers, validate))
     if use_gpu:
         fits = min(fits, math.floor(resources.get("GPU", 0) / num_workers))
     return max(1, fits)
@@ -155,8 +150,8 @@ def init_ray(
 
     Locally the default is one run per `num_workers x train.cpus_per_worker` cores: a run's
     workers use that many cores (torch threads) while the run holds a little more in
-    logical CPUs (see `cpus_per_run`); on 2 cores, two 1-CPU runs side by side finished in
-    177 s against 254 s one after the other (measured under load from other processes).
+    logical CPUs (see `pipeline.train.run_cpus`); on 2 cores, two 1-CPU runs side by side
+    finished in 177 s against 254 s one after the other (measured under load).
     Returns the parallelism to use.
     """
     if os.environ.get("RAY_ADDRESS"):
@@ -181,7 +176,7 @@ def local_ray_size(
     parallel = min(
         max_parallel or max(1, cores // (num_workers * cfg.train.cpus_per_worker)), num_runs
     )
-    return parallel, max(cores, math.ceil(parallel * cpus_per_run(cfg, num_workers, validate)))
+    return parallel, max(cores, math.ceil(parallel * run_cpus(cfg, num_workers, validate)))
 
 
 # ----------------------------------------------------------------------------- one run
@@ -297,7 +292,7 @@ def run_ablation(
             "(more would take the CPUs Ray Data needs to feed the trainers: they would hang)",
             max_parallel,
             fits,
-            cpus_per_run(base, num_workers, validate),
+            run_cpus(base, num_workers, validate),
             fits,
         )
     max_parallel = min(max_parallel or fits, fits, len(runs))

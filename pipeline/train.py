@@ -205,14 +205,8 @@ def train_one_epoch(
     steps = images_seen = 0
     data_wait = 0.0
     use_amp = cfg.train.amp and device.type == "cuda"
-    start = time.perf_counter()
-    batches = iter(batches)
-    while True:
-        wait_start = time.perf_counter()
-        try:
-            images, targets = next(batches)
-        except StopIteration:
-            break
+    start = wait_start = time.perf_counter()
+    for images, targets in batches:
         data_wait += time.perf_counter() - wait_start
         images, targets = _to_device(images, targets, device)
         with torch.autocast(device_type=device.type, enabled=use_amp):
@@ -236,6 +230,7 @@ def train_one_epoch(
         sums["loss"] += loss.item()
         steps += 1
         images_seen += len(images)
+        wait_start = time.perf_counter()
     elapsed = time.perf_counter() - start
     metrics = {key: value / max(steps, 1) for key, value in sums.items()}
     metrics.update(
