@@ -2,7 +2,8 @@
 
     python benchmarks/bench_accuracy.py [--data COCO_FOLDER] [--config configs/tiny.yaml]
         [--set key=value ...] [--models pep baseline excavate purify maskrcnn]
-        [--seeds 1 2] [--epochs 12] [--max-dets 100] [--threads 2] [--out results.json]
+        [--seeds 1 2] [--epochs 12] [--max-dets 100] [--maskrcnn-width matched|torchvision]
+        [--train-images N] [--threads 2] [--out results.json]
 
 Every model is trained in this process by the same loop (`pipeline.train.train_one_epoch`:
 same optimizer and LR schedule from the config, same batches in the same shuffled order per
@@ -18,6 +19,11 @@ original image size -> COCOeval, segm and bbox). Nothing is pretrained (no weigh
   (both models see exactly the same pixels) and anchor sizes are scaled with the config's
   object-scale ranges (COCO-size anchors 32..512 x scale_ranges[0][1] / 96: 16..256 for the
   tiny config's 256-px images). Its detection cap follows `--max-dets`, like PEP's.
+  `--maskrcnn-width matched` (the default) builds the FPN and every head as wide as the
+  config's `model.fpn_channels` (tiny: 64; box MLP 4x that, as torchvision's 1024 is for 256),
+  so both models spend comparable compute on the same backbone; `--maskrcnn-width torchvision`
+  keeps torchvision's 256-wide FPN and heads (measured on the generated 192-px scenes: 12x
+  PEP's training time per image, which no 2-core budget here can hold for 2 seeds).
 
 `--data` takes a COCO folder (`train/annotations.json` + `train/images`, same for `val/`) or a
 shards root; default: the generated crowded scenes of the config. Prints a markdown table
@@ -43,10 +49,17 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
+from torchvision.models import resnet  # noqa: E402
 from torchvision.models.detection import MaskRCNN  # noqa: E402
 from torchvision.models.detection.anchor_utils import AnchorGenerator  # noqa: E402
-from torchvision.models.detection.backbone_utils import resnet_fpn_backbone  # noqa: E402
+from torchvision.models.detection.backbone_utils import (  # noqa: E402
+    BackboneWithFPN,
+    resnet_fpn_backbone,
+)
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead  # noqa: E402
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor  # noqa: E402
 from torchvision.models.detection.transform import GeneralizedRCNNTransform  # noqa: E402
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool  # noqa: E402
 
 from pep_model import Config, build_model, load_config  # noqa: E402
 from pipeline import evaluate, experiment, reader  # noqa: E402
@@ -91,6 +104,12 @@ def get_args_parser() -> argparse.ArgumentParser:
         default=None,
         help="use only the first N training images (a smaller budget)",
     )
+    parser.add_argument(
+        "--maskrcnn-width",
+        choices=["matched", "torchvision"],
+        default="matched",
+        help="Mask R-CNN FPN/head width: the config's model.fpn_channels, or torchvision's 256",
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--work-dir", default=str(ROOT / "work"), help="data and shards go here")
     parser.add_argument("--out", default=None, help="write all numbers as JSON here")
@@ -107,6 +126,19 @@ class _NoResize(GeneralizedRCNNTransform):
         return image, target
 
 
+def _resnet_fpn(name: str, width: int) -> BackboneWithFPN:
+    """`resnet_fpn_backbone(weights=None, trainable_layers=5, BatchNorm)` with a `width` FPN."""
+    body = getattr(resnet, name)(weights=None, norm_layer=nn.BatchNorm2d)
+    stage2 = body.inplanes // 8  # 64 (ResNet-18/34) or 256 (ResNet-50/101), as torchvision
+    return BackboneWithFPN(
+        body,
+        return_layers={f"layer{i}": str(i - 1) for i in range(1, 5)},
+        in_channels_list=[stage2 * 2 ** (i - 1) for i in range(1, 5)],
+        out_channels=width,
+        extra_blocks=LastLevelMaxPool(),
+    )
+
+
 class MaskRCNNAdapter(nn.Module):
     """torchvision Mask R-CNN with PEP's train/eval contract.
 
@@ -114,22 +146,35 @@ class MaskRCNNAdapter(nn.Module):
     returns torchvision's loss dict. Eval: masks binarised at 0.5 as bool K x H x W.
     """
 
-    def __init__(self, cfg: Config, max_dets: int) -> None:
+    def __init__(self, cfg: Config, max_dets: int, width: str = "matched") -> None:
         super().__init__()
         scale = cfg.model.scale_ranges[0][1] / 96
         sizes = tuple((max(4, round(s * scale)),) for s in (32, 64, 128, 256, 512))
-        backbone = resnet_fpn_backbone(
-            backbone_name=cfg.model.backbone,
-            weights=None,
-            trainable_layers=5,
-            norm_layer=nn.BatchNorm2d,
-        )
+        num_classes = cfg.model.num_classes + 1
+        heads = {}
+        if width == "torchvision":
+            backbone = resnet_fpn_backbone(
+                backbone_name=cfg.model.backbone,
+                weights=None,
+                trainable_layers=5,
+                norm_layer=nn.BatchNorm2d,
+            )
+        else:
+            backbone = _resnet_fpn(cfg.model.backbone, cfg.model.fpn_channels)
+            w = cfg.model.fpn_channels
+            heads = dict(
+                box_head=TwoMLPHead(w * 7 * 7, 4 * w),
+                box_predictor=FastRCNNPredictor(4 * w, num_classes),
+                mask_head=MaskRCNNHeads(w, (w, w, w, w), 1),
+                mask_predictor=MaskRCNNPredictor(w, w, num_classes),
+            )
         self.model = MaskRCNN(
             backbone,
-            num_classes=cfg.model.num_classes + 1,
+            num_classes=None if heads else num_classes,
             rpn_anchor_generator=AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes)),
             box_detections_per_img=max_dets,
             box_score_thresh=cfg.model.score_threshold,
+            **heads,
         )
         t = self.model.transform
         self.model.transform = _NoResize(
@@ -159,9 +204,9 @@ class MaskRCNNAdapter(nn.Module):
         ]
 
 
-def build(name: str, cfg: Config, max_dets: int) -> nn.Module:
+def build(name: str, cfg: Config, max_dets: int, maskrcnn_width: str = "matched") -> nn.Module:
     if name == "maskrcnn":
-        return MaskRCNNAdapter(cfg, max_dets)
+        return MaskRCNNAdapter(cfg, max_dets, maskrcnn_width)
     model = build_model(cfg.model)
     model.set_inference_params(max_instances=max_dets)
     return model
@@ -245,14 +290,16 @@ def summarise(values: list[float], digits: int = 3) -> str:
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
-def table(runs: list[dict], models: list[str], max_dets: int) -> str:
+def table(
+    runs: list[dict], models: list[str], max_dets: int, maskrcnn_label: str = "Mask R-CNN"
+) -> str:
     suffix = "" if max_dets == 100 else f"@{max_dets}"
     cols = [c.replace("/AP", f"/AP{suffix}") if c.endswith("/AP") else c for c in COLUMNS]
     head = ["model", "seeds", *cols, "train s", "infer ms/img", "params M"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name in models:
         mine = [r for r in runs if r["model"] == name]
-        label = PEP_VARIANTS[name][0] if name in PEP_VARIANTS else "Mask R-CNN (torchvision)"
+        label = PEP_VARIANTS[name][0] if name in PEP_VARIANTS else maskrcnn_label
         cells = [label, ",".join(str(r["seed"]) for r in mine)]
         for key in COLUMNS:
             key = key + suffix if key.endswith("/AP") and suffix else key
@@ -287,7 +334,7 @@ def main(args: argparse.Namespace) -> None:
             for key, value in PEP_VARIANTS.get(name, (None, {}))[1].items():
                 setattr(model_cfg.model, key, value)
             torch.manual_seed(seed)
-            model = build(name, model_cfg, args.max_dets)
+            model = build(name, model_cfg, args.max_dets, args.maskrcnn_width)
             params = sum(p.numel() for p in model.parameters()) / 1e6
             print(f"{name} seed {seed} ({params:.1f} M parameters)", flush=True)
             train_s, history = train(model, rows, model_cfg, seed)
@@ -311,7 +358,8 @@ def main(args: argparse.Namespace) -> None:
             if args.out:
                 Path(args.out).write_text(json.dumps({"args": vars(args), "runs": runs}, indent=1))
     print()
-    print(table(runs, args.models, args.max_dets))
+    width = cfg.model.fpn_channels if args.maskrcnn_width == "matched" else 256
+    print(table(runs, args.models, args.max_dets, f"Mask R-CNN (torchvision, {width}-wide)"))
 
 
 if __name__ == "__main__":

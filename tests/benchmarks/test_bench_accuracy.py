@@ -41,10 +41,16 @@ def _target(n_boxes: int, crowd_last: bool) -> dict:
     }
 
 
-def test_mask_rcnn_adapter_trains_and_predicts_like_pep(bench):
+@pytest.mark.parametrize("width", ["matched", "torchvision"])
+def test_mask_rcnn_adapter_trains_and_predicts_like_pep(bench, width):
     cfg = load_config(ROOT / "configs" / "tiny.yaml", ["model.num_classes=2"])
     torch.manual_seed(0)
-    model = bench.MaskRCNNAdapter(cfg, max_dets=7)
+    model = bench.MaskRCNNAdapter(cfg, max_dets=7, width=width)
+    # matched: FPN and heads as wide as PEP's (tiny: 64); torchvision: its own 256
+    fpn = cfg.model.fpn_channels if width == "matched" else 256
+    assert model.model.backbone.out_channels == fpn
+    assert model.model.roi_heads.mask_predictor.conv5_mask.out_channels == fpn
+    assert model.model.roi_heads.box_predictor.cls_score.in_features == 4 * fpn
     # anchors scale with the config's object scales (tiny: 48 / 96 -> 16..256)
     assert model.anchor_sizes == [16, 32, 64, 128, 256]
     images = [torch.rand(3, 64, 64), torch.rand(3, 64, 64)]
@@ -78,8 +84,9 @@ def test_table_shows_mean_and_spread_over_seeds_and_na_for_missing_sizes(bench):
         [run("pep", 1, 0.30), run("pep", 2, 0.40), run("maskrcnn", 1, 0.2)],
         ["pep", "maskrcnn"],
         100,
+        "Mask R-CNN (torchvision, 64-wide)",
     )
     pep_row = next(line for line in text.splitlines() if line.startswith("| PEP (both)"))
     assert "| 1,2 | 0.350 ± 0.071 |" in pep_row and "| n/a |" in pep_row
     assert "| 15 ± 7 |" in pep_row
-    assert "| Mask R-CNN (torchvision) | 1 | 0.200 |" in text
+    assert "| Mask R-CNN (torchvision, 64-wide) | 1 | 0.200 |" in text
