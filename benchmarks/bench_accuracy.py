@@ -4,6 +4,7 @@
         [--set key=value ...] [--models pep baseline excavate purify maskrcnn]
         [--seeds 1 2] [--epochs 12] [--max-dets 100] [--maskrcnn-width matched|torchvision]
         [--train-images N] [--threads 2] [--out results.json]
+    python benchmarks/bench_accuracy.py --report results.json   # the tables again, no training
 
 Every model is trained in this process by the same loop (`pipeline.train.train_one_epoch`:
 same optimizer and LR schedule from the config, same batches in the same shuffled order per
@@ -27,7 +28,8 @@ original image size -> COCOeval, segm and bbox). Nothing is pretrained (no weigh
 
 `--data` takes a COCO folder (`train/annotations.json` + `train/images`, same for `val/`) or a
 shards root; default: the generated crowded scenes of the config. Prints a markdown table
-(mean and spread over seeds) ready for BENCHMARKS.md and writes every number to `--out`.
+(mean and spread over seeds) ready for BENCHMARKS.md, then each loss term at the first and
+last epoch per model, and writes every number (per-epoch losses included) to `--out`.
 """
 
 from __future__ import annotations
@@ -113,6 +115,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--work-dir", default=str(ROOT / "work"), help="data and shards go here")
     parser.add_argument("--out", default=None, help="write all numbers as JSON here")
+    parser.add_argument(
+        "--report",
+        default=None,
+        metavar="JSON",
+        help="print the tables of an earlier run's --out file, train nothing",
+    )
     return parser
 
 
@@ -311,7 +319,38 @@ def table(
     return "\n".join(lines)
 
 
+def loss_table(runs: list[dict], models: list[str]) -> str:
+    """Each loss term at the first and the last epoch (mean over seeds), one row per model."""
+    lines = ["| model | loss term | first epoch | last epoch |", "|---|---|---|---|"]
+    for name in models:
+        mine = [r for r in runs if r["model"] == name and r.get("losses")]
+        if not mine:
+            continue
+        for key in mine[0]["losses"][0]:
+            first = statistics.mean(r["losses"][0][key] for r in mine)
+            last = statistics.mean(r["losses"][-1][key] for r in mine)
+            lines.append(f"| {name} | {key} | {first:.3f} | {last:.3f} |")
+    return "\n".join(lines)
+
+
+def print_report(runs: list[dict], models: list[str], max_dets: int, maskrcnn_label: str) -> None:
+    print()
+    print(table(runs, models, max_dets, maskrcnn_label))
+    print()
+    print(loss_table(runs, models))
+
+
 def main(args: argparse.Namespace) -> None:
+    if args.report:
+        saved = json.loads(Path(args.report).read_text())
+        runs, models = (
+            saved["runs"],
+            [m for m in MODELS if any(r["model"] == m for r in saved["runs"])],
+        )
+        print_report(
+            runs, models, saved["args"]["max_dets"], saved.get("maskrcnn_label", "Mask R-CNN")
+        )
+        return
     torch.set_num_threads(args.threads)
     overrides = list(args.overrides) + ([f"train.epochs={args.epochs}"] if args.epochs else [])
     cfg = load_config(args.config, overrides)
@@ -326,6 +365,8 @@ def main(args: argparse.Namespace) -> None:
         f"maxDets {args.max_dets}",
         flush=True,
     )
+    width = cfg.model.fpn_channels if args.maskrcnn_width == "matched" else 256
+    label = f"Mask R-CNN (torchvision, {width}-wide)"
     runs = []
     for seed in args.seeds:
         for name in args.models:
@@ -356,10 +397,9 @@ def main(args: argparse.Namespace) -> None:
                 }
             )
             if args.out:
-                Path(args.out).write_text(json.dumps({"args": vars(args), "runs": runs}, indent=1))
-    print()
-    width = cfg.model.fpn_channels if args.maskrcnn_width == "matched" else 256
-    print(table(runs, args.models, args.max_dets, f"Mask R-CNN (torchvision, {width}-wide)"))
+                saved = {"args": vars(args), "maskrcnn_label": label, "runs": runs}
+                Path(args.out).write_text(json.dumps(saved, indent=1))
+    print_report(runs, args.models, args.max_dets, label)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -90,3 +91,38 @@ def test_table_shows_mean_and_spread_over_seeds_and_na_for_missing_sizes(bench):
     assert "| 1,2 | 0.350 ± 0.071 |" in pep_row and "| n/a |" in pep_row
     assert "| 15 ± 7 |" in pep_row
     assert "| Mask R-CNN (torchvision, 64-wide) | 1 | 0.200 |" in text
+
+
+def test_report_reprints_the_tables_and_loss_terms_of_a_saved_run(bench, tmp_path, capsys):
+    def run(model, seed, ap, loss):
+        return {
+            "model": model,
+            "seed": seed,
+            "metrics": {k: ap for k in bench.COLUMNS},
+            "train_s": 10.0,
+            "infer_ms": 5.0,
+            "params_m": 11.7,
+            "losses": [{"loss": 2 * loss, "loss_mask": loss}, {"loss": loss, "loss_mask": 0.5}],
+        }
+
+    saved = tmp_path / "results.json"
+    saved.write_text(
+        json.dumps(
+            {
+                "args": {"max_dets": 100},
+                "maskrcnn_label": "Mask R-CNN (torchvision, 64-wide)",
+                "runs": [
+                    run("pep", 1, 0.1, 1.0),
+                    run("pep", 2, 0.3, 3.0),
+                    run("maskrcnn", 1, 0.2, 4.0),
+                ],
+            }
+        )
+    )
+    bench.main(bench.get_args_parser().parse_args(["--report", str(saved)]))
+    out = capsys.readouterr().out
+    assert "| PEP (both) | 1,2 | 0.200 ± 0.141 |" in out
+    assert "| Mask R-CNN (torchvision, 64-wide) | 1 | 0.200 |" in out
+    # first / last epoch, mean over seeds: pep loss (2+6)/2 -> (1+3)/2, loss_mask 2 -> 0.5
+    assert "| pep | loss | 4.000 | 2.000 |" in out and "| pep | loss_mask | 2.000 | 0.500 |" in out
+    assert "| maskrcnn | loss_mask | 4.000 | 0.500 |" in out
