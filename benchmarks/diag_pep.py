@@ -1,0 +1,190 @@
+"""Diagnose a trained PEP: what excavating and purifying add at inference, and purifying's errors.
+
+    python benchmarks/diag_pep.py CHECKPOINT [--data COCO_FOLDER_OR_SHARDS] [--work-dir work]
+        [--max-dets 100] [--threads 2]
+
+Two measurements on the val split, with the checkpoint's own weights:
+
+1. The same weights, inference switched: AP as trained, with purifying's grouping replaced by
+   Matrix NMS (what the Baseline uses), without the mined descriptors, and with neither. If
+   a switched row beats "as trained", that module costs AP at this state of training.
+2. Purifying's graph against the ground truth: every descriptor whose location lies in exactly
+   one ground-truth mask belongs to that object. For the pairs of such descriptors: the mean
+   symmetrised similarity and the share at or above `purify_threshold`, for pairs on the same
+   object and on different objects; then the groups that hold descriptors of two or more
+   objects (false merges: one mask for several objects) and the objects whose descriptors
+   end up in two or more groups (splits: duplicates).
+
+`--data` defaults to the generated crowded scenes of the checkpoint's config (prepared under
+`--work-dir` if absent), as the default training run uses them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import torch  # noqa: E402
+from bench_accuracy import evaluate_model  # noqa: E402
+from torch import Tensor  # noqa: E402
+
+from pep_model import PEP, load_checkpoint  # noqa: E402
+from pep_model.postprocess import group_by_similarity  # noqa: E402
+from pipeline import experiment, reader  # noqa: E402
+
+SWITCHES = {
+    "as trained": {},
+    "purifying -> Matrix NMS": {"purify": False},
+    "no mined descriptors": {"excavate": False},
+    "neither (Baseline inference)": {"excavate": False, "purify": False},
+}
+MODULES = {"excavate": "excavating", "purify": "purifying"}
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint")
+    parser.add_argument("--data", default=None, help="COCO folder or shards root")
+    parser.add_argument("--work-dir", default=str(ROOT / "work"))
+    parser.add_argument("--max-dets", type=int, default=100)
+    parser.add_argument("--threads", type=int, default=2)
+    return parser
+
+
+@contextlib.contextmanager
+def switched(model: PEP, excavate: bool = True, purify: bool = True) -> Iterator[PEP]:
+    """The model with its excavating / purifying module taken out (PEP.inference then skips
+    mining, or falls back to Matrix NMS), restored on exit."""
+    saved = model.excavating, model.purifying
+    model.excavating = saved[0] if excavate else None
+    model.purifying = saved[1] if purify else None
+    try:
+        yield model
+    finally:
+        model.excavating, model.purifying = saved
+
+
+def descriptor_owners(positions: Tensor, masks: Tensor) -> Tensor:
+    """[N] index of the one ground-truth mask ([G, H, W]) holding each descriptor's pixel
+    position ([N, 2] x, y), or -1 (background, or inside several overlapping masks)."""
+    if masks.shape[0] == 0:
+        return torch.full((positions.shape[0],), -1, dtype=torch.int64)
+    h, w = masks.shape[-2:]
+    x = positions[:, 0].long().clamp(0, w - 1)
+    y = positions[:, 1].long().clamp(0, h - 1)
+    inside = masks[:, y, x].bool()  # G x N
+    one = inside.sum(0) == 1
+    return torch.where(one, inside.float().argmax(0), torch.full_like(x, -1))
+
+
+def graph_stats(
+    similarity: Tensor, scores: Tensor, owners: Tensor, threshold: float
+) -> dict[str, Tensor | int]:
+    """Pair similarities (same / different object) and the grouping errors of one image, for
+    the groups inference forms (`group_by_similarity` with the descriptors' scores)."""
+    sym = (similarity + similarity.T) / 2
+    i, j = torch.triu_indices(len(owners), len(owners), 1)
+    a, b = owners[i], owners[j]
+    known = (a >= 0) & (b >= 0)
+    groups = group_by_similarity(similarity, scores, threshold)
+    merged = split = 0
+    groups_per_object: Counter[int] = Counter()
+    for g in groups.unique():
+        objects = set(owners[(groups == g) & (owners >= 0)].tolist())
+        merged += len(objects) >= 2
+        groups_per_object.update(objects)
+    split = sum(1 for n in groups_per_object.values() if n >= 2)
+    return {
+        "same": sym[i, j][known & (a == b)],
+        "different": sym[i, j][known & (a != b)],
+        "groups": int(groups.max()) + 1 if len(groups) else 0,
+        "merged_groups": merged,
+        "objects_found": len(groups_per_object),
+        "split_objects": split,
+    }
+
+
+def purifying_report(model: PEP, shards: str, data_cfg) -> str:
+    """Purifying's graph on every val image against the ground truth (see the module doc)."""
+    captured: list[tuple[Tensor, Tensor]] = []  # (positions, similarity) per purifying call
+    scores: list[Tensor] = []  # the candidates' scores, which pick the groups' seeds
+    hook = model.purifying.register_forward_hook(
+        lambda module, inputs, output: captured.append((inputs[1], output.sigmoid()))
+    )
+    postprocess = model.postprocess
+
+    def recording_postprocess(descriptors, locations, loc_strides, score, *rest):
+        scores.append(score)
+        return postprocess(descriptors, locations, loc_strides, score, *rest)
+
+    model.postprocess = recording_postprocess  # this instance only; removed below
+    threshold = model.config.purify_threshold
+    same, different, totals = [], [], Counter()
+    try:
+        for images, targets in reader.local_batches(shards, data_cfg, 1):
+            captured.clear()
+            scores.clear()
+            with torch.no_grad():
+                model(images)
+            totals["objects"] += len(targets[0]["labels"])
+            if not captured:  # no descriptor passed the candidate threshold
+                continue
+            positions, similarity = captured[0]
+            owners = descriptor_owners(positions, targets[0]["masks"])
+            totals["descriptors"] += len(owners)
+            totals["descriptors_on_one_object"] += int((owners >= 0).sum())
+            stats = graph_stats(similarity, scores[0], owners, threshold)
+            same.append(stats.pop("same"))
+            different.append(stats.pop("different"))
+            totals.update(stats)
+    finally:
+        hook.remove()
+        del model.postprocess
+    same_t, diff_t = torch.cat(same), torch.cat(different)
+    return "\n".join(
+        [
+            f"purify_threshold {threshold}; {totals['descriptors']} descriptors, "
+            f"{totals['descriptors_on_one_object']} inside exactly one object",
+            f"same-object pairs      {len(same_t):>8}: mean similarity {same_t.mean():.3f}, "
+            f">= threshold {(same_t >= threshold).float().mean():.1%}",
+            f"different-object pairs {len(diff_t):>8}: mean similarity {diff_t.mean():.3f}, "
+            f">= threshold {(diff_t >= threshold).float().mean():.1%}",
+            f"groups {totals['groups']}: {totals['merged_groups']} hold >= 2 objects "
+            f"(false merges); objects with a descriptor {totals['objects_found']} of "
+            f"{totals['objects']}: {totals['split_objects']} split over >= 2 groups (duplicates)",
+        ]
+    )
+
+
+def main(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    model, cfg = load_checkpoint(args.checkpoint)
+    model.set_inference_params(max_instances=args.max_dets)
+    splits = experiment.resolve_data(args.data, cfg, args.work_dir)
+    print(f"{args.checkpoint}: excavate={cfg.model.excavate} purify={cfg.model.purify}")
+    print("| inference | segm AP | segm AP50 | bbox AP | ms/img |")
+    print("|---|---|---|---|---|")
+    for name, switches in SWITCHES.items():
+        if any(getattr(model, MODULES[k]) is None for k in switches):
+            continue  # the model has no such module to take out
+        with switched(model, **switches):
+            metrics, ms = evaluate_model(model, splits, args.max_dets)
+        print(
+            f"| {name} | {metrics['segm/AP']:.4f} | {metrics['segm/AP50']:.4f} | "
+            f"{metrics['bbox/AP']:.4f} | {ms:.0f} |"
+        )
+    if model.purifying is not None:
+        print()
+        print(purifying_report(model, splits.val_shards, cfg.data))
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

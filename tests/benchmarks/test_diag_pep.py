@@ -1,0 +1,65 @@
+"""benchmarks/diag_pep.py: descriptor ownership, purifying's pair/group statistics, switches."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from pep_model import build_model, load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def diag():
+    spec = importlib.util.spec_from_file_location("diag_pep", ROOT / "benchmarks" / "diag_pep.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_owners_and_graph_errors_against_ground_truth(diag):
+    masks = torch.zeros(2, 20, 20, dtype=torch.uint8)
+    masks[0, 0:10, 0:10] = 1
+    masks[1, 0:10, 8:20] = 1  # overlaps object 0 in columns 8-9
+    # descriptors (x, y): two on object 0, one on object 1, one on the overlap, one outside
+    positions = torch.tensor([[2.0, 2.0], [4.0, 5.0], [15.0, 3.0], [9.0, 4.0], [5.0, 15.0]])
+    owners = diag.descriptor_owners(positions, masks)
+    assert owners.tolist() == [0, 0, 1, -1, -1]
+
+    similarity = torch.full((5, 5), 0.1)
+    similarity.fill_diagonal_(1.0)
+    similarity[0, 1] = similarity[1, 0] = 0.9  # same object, above the threshold
+    similarity[0, 2] = similarity[2, 0] = 0.8  # different objects, above: a false merge
+    scores = torch.tensor([0.9, 0.5, 0.4, 0.3, 0.2])  # descriptor 0 seeds the first group
+    stats = diag.graph_stats(similarity, scores, owners, threshold=0.5)
+    assert stats["same"].tolist() == pytest.approx([0.9])
+    assert sorted(stats["different"].tolist()) == pytest.approx([0.1, 0.8])
+    # groups: {0, 1, 2} (objects 0 and 1 merged), {3}, {4}
+    assert stats["groups"] == 3 and stats["merged_groups"] == 1
+    assert stats["objects_found"] == 2 and stats["split_objects"] == 0
+
+    # below the threshold, object 0's descriptors fall into two groups: a split
+    similarity[0, 1] = similarity[1, 0] = 0.3
+    stats = diag.graph_stats(similarity, scores, owners, threshold=0.5)
+    assert stats["merged_groups"] == 1 and stats["split_objects"] == 1
+
+
+def test_switched_takes_modules_out_for_inference_and_restores_them(diag):
+    cfg = load_config(
+        ROOT / "configs" / "tiny.yaml",
+        ["model.fpn_channels=32", "model.head_channels=32", "model.tower_convs=1"],
+    )
+    model = build_model(cfg.model).eval()
+    excavating, purifying = model.excavating, model.purifying
+    assert excavating is not None and purifying is not None
+    image = [torch.rand(3, 64, 64)]
+    with diag.switched(model, excavate=False, purify=False):
+        assert model.excavating is None and model.purifying is None
+        with torch.no_grad():
+            (out,) = model(image)  # the Baseline's path: no mining, Matrix NMS
+        assert out["masks"].shape[1:] == (64, 64)
+    assert model.excavating is excavating and model.purifying is purifying
