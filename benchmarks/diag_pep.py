@@ -3,7 +3,7 @@
     python benchmarks/diag_pep.py CHECKPOINT [--data COCO_FOLDER_OR_SHARDS] [--work-dir work]
         [--max-dets 100] [--threads 2]
 
-Two measurements on the val split, with the checkpoint's own weights:
+Three measurements on the val split, with the checkpoint's own weights:
 
 1. The same weights, inference switched: AP as trained, with purifying's grouping replaced by
    Matrix NMS (what the Baseline uses), without the mined descriptors, and with neither. If
@@ -14,6 +14,9 @@ Two measurements on the val split, with the checkpoint's own weights:
    object and on different objects; then the groups that hold descriptors of two or more
    objects (false merges: one mask for several objects) and the objects whose descriptors
    end up in two or more groups (splits: duplicates).
+3. Mask quality at any score: for each ground-truth object the best mask IoU of any final
+   prediction (can the model's output match it at all?), and the predictions that match no
+   object at IoU 0.5.
 
 `--data` defaults to the generated crowded scenes of the checkpoint's config (prepared under
 `--work-dir` if absent), as the default training run uses them.
@@ -164,6 +167,37 @@ def purifying_report(model: PEP, shards: str, data_cfg) -> str:
     )
 
 
+def best_ious(pred_masks: Tensor, gt_masks: Tensor) -> tuple[Tensor, Tensor]:
+    """Mask IoU of each ground-truth object with its best prediction ([G]), and of each
+    prediction with its best object ([K]); 0 where the other side is empty."""
+    pred = pred_masks.flatten(1).float()
+    gt = gt_masks.flatten(1).float()
+    if len(pred) == 0 or len(gt) == 0:
+        return torch.zeros(len(gt)), torch.zeros(len(pred))
+    inter = gt @ pred.T  # G x K
+    union = gt.sum(1, keepdim=True) + pred.sum(1) - inter
+    iou = inter / union.clamp(min=1)
+    return iou.max(1).values, iou.max(0).values
+
+
+def mask_quality(model: PEP, shards: str, data_cfg) -> str:
+    """Whether the final predictions (any score) cover the objects, and how well."""
+    per_object, per_prediction = [], []
+    for images, targets in reader.local_batches(shards, data_cfg, 1):
+        with torch.no_grad():
+            (out,) = model(images)
+        objects, predictions = best_ious(out["masks"], targets[0]["masks"])
+        per_object.append(objects)
+        per_prediction.append(predictions)
+    objects, predictions = torch.cat(per_object), torch.cat(per_prediction)
+    return (
+        f"{len(objects)} objects: best mask IoU of any prediction >= 0.5 for "
+        f"{(objects >= 0.5).float().mean():.1%}, >= 0.75 for {(objects >= 0.75).float().mean():.1%}"
+        f" (median {objects.median():.2f}); {len(predictions)} predictions: "
+        f"{(predictions < 0.5).float().mean():.1%} match no object at IoU 0.5"
+    )
+
+
 def main(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     model, cfg = load_checkpoint(args.checkpoint)
@@ -181,6 +215,10 @@ def main(args: argparse.Namespace) -> None:
             f"| {name} | {metrics['segm/AP']:.4f} | {metrics['segm/AP50']:.4f} | "
             f"{metrics['bbox/AP']:.4f} | {ms:.0f} |"
         )
+    print()
+    print("as trained: " + mask_quality(model, splits.val_shards, cfg.data))
+    with switched(model, purify=False):
+        print("purifying -> Matrix NMS: " + mask_quality(model, splits.val_shards, cfg.data))
     if model.purifying is not None:
         print()
         print(purifying_report(model, splits.val_shards, cfg.data))

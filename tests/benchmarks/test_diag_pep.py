@@ -63,3 +63,18 @@ def test_switched_takes_modules_out_for_inference_and_restores_them(diag):
             (out,) = model(image)  # the Baseline's path: no mining, Matrix NMS
         assert out["masks"].shape[1:] == (64, 64)
     assert model.excavating is excavating and model.purifying is purifying
+
+
+def test_best_ious_per_object_and_per_prediction(diag):
+    gt = torch.zeros(2, 10, 10, dtype=torch.bool)
+    gt[0, :5, :5] = True  # 25 px
+    gt[1, 5:, 5:] = True  # 25 px
+    pred = torch.zeros(3, 10, 10, dtype=torch.bool)
+    pred[0, :5, :5] = True  # exactly object 0
+    pred[1, :5, :4] = True  # 20 of object 0's 25 px: IoU 0.8
+    pred[2, 0, 9] = True  # matches nothing
+    objects, predictions = diag.best_ious(pred, gt)
+    assert objects.tolist() == pytest.approx([1.0, 0.0])
+    assert predictions.tolist() == pytest.approx([1.0, 0.8, 0.0])
+    none_o, none_p = diag.best_ious(pred[:0], gt)
+    assert none_o.tolist() == [0.0, 0.0] and none_p.numel() == 0
