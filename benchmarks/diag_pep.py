@@ -3,7 +3,7 @@
     python benchmarks/diag_pep.py CHECKPOINT [--data COCO_FOLDER_OR_SHARDS] [--work-dir work]
         [--max-dets 100] [--threads 2]
 
-Three measurements on the val split, with the checkpoint's own weights:
+Measurements with the checkpoint's own weights:
 
 1. The same weights, inference switched: AP as trained, with purifying's grouping replaced by
    Matrix NMS (what the Baseline uses), without the mined descriptors, and with neither. If
@@ -17,6 +17,8 @@ Three measurements on the val split, with the checkpoint's own weights:
 3. Mask quality at any score: for each ground-truth object the best mask IoU of any final
    prediction (can the model's output match it at all?), and the predictions that match no
    object at IoU 0.5.
+4. With excavating: how training's mask loss (Eq. 7, over all N_all descriptors) divides
+   between original and mined descriptors, on the first training batches (train split).
 
 `--data` defaults to the generated crowded scenes of the checkpoint's config (prepared under
 `--work-dir` if absent), as the default training run uses them.
@@ -26,20 +28,25 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import sys
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from unittest import mock
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 from bench_accuracy import evaluate_model  # noqa: E402
 from torch import Tensor  # noqa: E402
 
+import pep_model.pep  # noqa: E402
 from pep_model import PEP, load_checkpoint  # noqa: E402
+from pep_model.mask_learning import dice_loss  # noqa: E402
 from pep_model.postprocess import group_by_similarity  # noqa: E402
 from pipeline import experiment, reader  # noqa: E402
 
@@ -198,6 +205,59 @@ def mask_quality(model: PEP, shards: str, data_cfg) -> str:
     )
 
 
+def mask_loss_split(model: PEP, batches) -> dict[str, float]:
+    """Training's mask loss (Eq. 7, BCE + Dice per descriptor) over `batches` of
+    (images, targets), split into original and mined descriptors: how many of each and
+    their mean loss. Needs a model with excavating."""
+    counts: list[int] = []  # descriptors per image in the mask loss (N_all = N_ori + K)
+    mined: list[int] = []  # K mined descriptors per image
+    per_descriptor: list[Tensor] = []
+    mask_logits, mine = pep_model.pep.mask_logits, model.excavating.mine
+
+    def count_all(descriptors, feature):
+        counts.append(descriptors.shape[0])
+        return mask_logits(descriptors, feature)
+
+    def count_mined(*args):
+        out = mine(*args)
+        mined.append(out[0].shape[0])
+        return out
+
+    def per_descriptor_loss(logits, targets, kind):
+        bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none").mean((1, 2))
+        per_descriptor.append(bce + dice_loss(logits, targets))
+        return per_descriptor[-1].mean()
+
+    original, mined_losses = [], []
+    model.train()
+    try:
+        with (
+            mock.patch.object(pep_model.pep, "mask_logits", count_all),
+            mock.patch.object(pep_model.pep, "mask_loss", per_descriptor_loss),
+            mock.patch.object(model.excavating, "mine", count_mined),
+            torch.no_grad(),
+        ):
+            for images, targets in batches:
+                counts.clear()
+                mined.clear()
+                per_descriptor.clear()
+                model(images, targets)
+                start = 0
+                for n, k in zip(counts, mined):
+                    original.append(per_descriptor[0][start : start + n - k])
+                    mined_losses.append(per_descriptor[0][start + n - k : start + n])
+                    start += n
+    finally:
+        model.eval()
+    o, m = torch.cat(original), torch.cat(mined_losses)
+    return {
+        "original": len(o),
+        "mined": len(m),
+        "original_loss": float(o.mean()) if len(o) else float("nan"),
+        "mined_loss": float(m.mean()) if len(m) else float("nan"),
+    }
+
+
 def main(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     model, cfg = load_checkpoint(args.checkpoint)
@@ -222,6 +282,17 @@ def main(args: argparse.Namespace) -> None:
     if model.purifying is not None:
         print()
         print(purifying_report(model, splits.val_shards, cfg.data))
+    if model.excavating is not None:
+        batches = itertools.islice(reader.local_batches(splits.train_shards, cfg.data, 4), 10)
+        split = mask_loss_split(model, batches)
+        total = split["original"] + split["mined"]
+        print()
+        print(
+            f"training mask loss, first 10 training batches: {split['original']} original "
+            f"descriptors, {split['mined']} mined ({split['mined'] / max(1, total):.0%} of the "
+            f"loss's terms); mean BCE + Dice per descriptor: original "
+            f"{split['original_loss']:.3f}, mined {split['mined_loss']:.3f}"
+        )
 
 
 if __name__ == "__main__":

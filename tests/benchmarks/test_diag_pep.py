@@ -78,3 +78,23 @@ def test_best_ious_per_object_and_per_prediction(diag):
     assert predictions.tolist() == pytest.approx([1.0, 0.8, 0.0])
     none_o, none_p = diag.best_ious(pred[:0], gt)
     assert none_o.tolist() == [0.0, 0.0] and none_p.numel() == 0
+
+
+def test_mask_loss_split_adds_up_to_the_models_own_mask_loss(diag, tiny_shards, tiny_config):
+    from pipeline import reader
+
+    cfg = tiny_config("model.mask_loss=bce_dice")
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    batch = next(reader.local_batches(tiny_shards / "train", cfg.data, 4))
+    torch.manual_seed(1)  # the same sub-sampling of descriptors and mined keys in both passes
+    split = diag.mask_loss_split(model, [batch])
+    torch.manual_seed(1)
+    with torch.no_grad():
+        own = model.train()(*batch)["loss_mask"]
+    assert split["original"] > 0 and split["mined"] > 0
+    total = split["original"] + split["mined"]
+    mean = (
+        split["original"] * split["original_loss"] + split["mined"] * split["mined_loss"]
+    ) / total
+    assert mean == pytest.approx(float(own), rel=1e-5)
