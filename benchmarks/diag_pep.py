@@ -105,7 +105,7 @@ def graph_stats(
     a, b = owners[i], owners[j]
     known = (a >= 0) & (b >= 0)
     groups = group_by_similarity(similarity, scores, threshold)
-    merged = split = 0
+    merged = 0
     groups_per_object: Counter[int] = Counter()
     for g in groups.unique():
         objects = set(owners[(groups == g) & (owners >= 0)].tolist())
@@ -135,29 +135,27 @@ def purifying_report(model: PEP, shards: str, data_cfg) -> str:
         scores.append(score)
         return postprocess(descriptors, locations, loc_strides, score, *rest)
 
-    model.postprocess = recording_postprocess  # this instance only; removed below
     threshold = model.config.purify_threshold
     same, different, totals = [], [], Counter()
     try:
-        for images, targets in reader.local_batches(shards, data_cfg, 1):
-            captured.clear()
-            scores.clear()
-            with torch.no_grad():
+        with mock.patch.object(model, "postprocess", recording_postprocess), torch.no_grad():
+            for images, targets in reader.local_batches(shards, data_cfg, 1):
+                captured.clear()
+                scores.clear()
                 model(images)
-            totals["objects"] += len(targets[0]["labels"])
-            if not captured:  # no descriptor passed the candidate threshold
-                continue
-            positions, similarity = captured[0]
-            owners = descriptor_owners(positions, targets[0]["masks"])
-            totals["descriptors"] += len(owners)
-            totals["descriptors_on_one_object"] += int((owners >= 0).sum())
-            stats = graph_stats(similarity, scores[0], owners, threshold)
-            same.append(stats.pop("same"))
-            different.append(stats.pop("different"))
-            totals.update(stats)
+                totals["objects"] += len(targets[0]["labels"])
+                if not captured:  # no descriptor passed the candidate threshold
+                    continue
+                positions, similarity = captured[0]
+                owners = descriptor_owners(positions, targets[0]["masks"])
+                totals["descriptors"] += len(owners)
+                totals["descriptors_on_one_object"] += int((owners >= 0).sum())
+                stats = graph_stats(similarity, scores[0], owners, threshold)
+                same.append(stats.pop("same"))
+                different.append(stats.pop("different"))
+                totals.update(stats)
     finally:
         hook.remove()
-        del model.postprocess
     same_t, diff_t = torch.cat(same), torch.cat(different)
     return "\n".join(
         [
