@@ -203,7 +203,8 @@ def predictions_to_coco_results(
         if num == 0:
             continue
         in_h, in_w = masks.shape[-2:]
-        rles = encode_masks(resize_masks(masks, (height, width)))
+        resized = resize_masks(masks, (height, width))
+        rles = encode_masks(resized)
         # The box of the mask at the original size (COCO convention, w = columns covered);
         # the model's box, scaled, only where the resized mask came out empty.
         mask_boxes = mask_utils.toBbox(rles)  # K x 4, xywh
@@ -212,7 +213,9 @@ def predictions_to_coco_results(
         xyxy[:, 0::2] = xyxy[:, 0::2].clip(0, width)
         xyxy[:, 1::2] = xyxy[:, 1::2].clip(0, height)
         scaled_boxes = np.concatenate([xyxy[:, :2], xyxy[:, 2:] - xyxy[:, :2]], axis=1)
-        empty = mask_utils.area(rles) == 0
+        # (from the masks, not pycocotools' `area`: with numpy 2 it raises OverflowError for a
+        # list of more than 255 RLEs, which crowded images with a raised --max-dets produce)
+        empty = ~resized.reshape(num, -1).any(axis=1)
         bboxes = np.where(empty[:, None], scaled_boxes, mask_boxes)
         for label, score, rle, bbox in zip(labels, scores, rles, bboxes):
             results.append(

@@ -294,6 +294,28 @@ def test_mask_vanishing_at_original_size_keeps_the_scaled_box():
     assert result["bbox"] == pytest.approx([5.0, 5.0, 0.25, 0.25])
 
 
+def test_more_than_255_instances_in_one_image():
+    # Crowded images with a raised --max-dets: pycocotools' mask.area() overflows (numpy 2)
+    # for a list of > 255 RLEs; every instance must come out, the empty one with its box.
+    num = 300
+    masks = np.zeros((num, 40, 40), dtype=bool)
+    for k in range(num - 1):
+        masks[k, k % 40, (k // 40) * 5 : (k // 40) * 5 + 4] = True  # 1 x 4 px strips
+    boxes = np.array([[0.0, 0.0, 4.0, 1.0]] * num)
+    boxes[-1] = [10.0, 10.0, 12.0, 12.0]  # the last mask is empty: its box is kept
+    prediction = {
+        "labels": np.ones(num, dtype=np.int64),
+        "scores": np.linspace(1, 0.1, num),
+        "masks": masks,
+        "boxes": boxes,
+    }
+    results = predictions_to_coco_results([prediction], [5], [(40, 40)], {1: 1})
+    assert len(results) == num
+    assert results[0]["bbox"] == pytest.approx([0.0, 0.0, 4.0, 1.0])
+    assert results[-1]["bbox"] == pytest.approx([10.0, 10.0, 2.0, 2.0])
+    assert mask_utils.area(results[-1]["segmentation"]) == 0
+
+
 def test_predictions_to_coco_results_rejects_unknown_label():
     prediction = {
         "labels": np.array([4]),
