@@ -4,7 +4,11 @@
         [--set key=value ...] [--models pep baseline excavate purify maskrcnn]
         [--seeds 1 2] [--epochs 12] [--max-dets 100] [--maskrcnn-width matched|torchvision]
         [--train-images N] [--threads 2] [--out results.json]
-    python benchmarks/bench_accuracy.py --report results.json   # the tables again, no training
+    python benchmarks/bench_accuracy.py --report results.json [more.json ...]  # tables, no training
+
+`--report` with several `--out` files merges their runs into one table (e.g. a run that
+crashed part-way, continued with `--models`/`--seeds` for the missing runs): the files must
+agree on every setting except models and seeds, and a (model, seed) may appear only once.
 
 Every model is trained in this process by the same loop (`pipeline.train.train_one_epoch`:
 same optimizer and LR schedule from the config, same batches in the same shuffled order per
@@ -117,9 +121,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default=None, help="write all numbers as JSON here")
     parser.add_argument(
         "--report",
+        nargs="+",
         default=None,
         metavar="JSON",
-        help="print the tables of an earlier run's --out file, train nothing",
+        help="print the tables of earlier runs' --out files (merged), train nothing",
     )
     return parser
 
@@ -340,15 +345,47 @@ def print_report(runs: list[dict], models: list[str], max_dets: int, maskrcnn_la
     print(loss_table(runs, models))
 
 
+# settings that may differ between --out files merged by --report
+_MERGEABLE = {"models", "seeds", "out", "report"}
+
+
+def merge_saved(paths: list[str]) -> dict:
+    """The runs of several `--out` files as one; their other settings must be equal."""
+    merged: dict | None = None
+    seen: dict[tuple[str, int], str] = {}
+    for path in paths:
+        saved = json.loads(Path(path).read_text())
+        settings = {k: v for k, v in saved["args"].items() if k not in _MERGEABLE}
+        if merged is None:
+            merged = {**saved, "runs": []}
+            first, first_settings = path, settings
+        elif settings != first_settings:
+            differ = sorted(
+                k
+                for k in settings.keys() | first_settings.keys()
+                if settings.get(k) != first_settings.get(k)
+            )
+            raise SystemExit(f"--report: {path} and {first} differ in {', '.join(differ)}")
+        for run in saved["runs"]:
+            key = (run["model"], run["seed"])
+            if key in seen:
+                raise SystemExit(
+                    f"--report: {run['model']} seed {run['seed']} is in both {seen[key]} and {path}"
+                )
+            seen[key] = path
+            merged["runs"].append(run)
+    return merged
+
+
 def main(args: argparse.Namespace) -> None:
     if args.report:
-        saved = json.loads(Path(args.report).read_text())
-        runs, models = (
-            saved["runs"],
-            [m for m in MODELS if any(r["model"] == m for r in saved["runs"])],
-        )
+        saved = merge_saved(args.report)
+        models = [m for m in MODELS if any(r["model"] == m for r in saved["runs"])]
         print_report(
-            runs, models, saved["args"]["max_dets"], saved.get("maskrcnn_label", "Mask R-CNN")
+            saved["runs"],
+            models,
+            saved["args"]["max_dets"],
+            saved.get("maskrcnn_label", "Mask R-CNN"),
         )
         return
     torch.set_num_threads(args.threads)

@@ -121,6 +121,28 @@ def test_report_reprints_the_tables_and_loss_terms_of_a_saved_run(bench, tmp_pat
     )
     bench.main(bench.get_args_parser().parse_args(["--report", str(saved)]))
     out = capsys.readouterr().out
+    _assert_report(out)
+
+    # the same runs split over two --out files (a run continued with --models / --seeds)
+    whole = json.loads(saved.read_text())
+    first, second = tmp_path / "first.json", tmp_path / "second.json"
+    first.write_text(
+        json.dumps({**whole, "args": {"max_dets": 100, "seeds": [1, 2]}, "runs": whole["runs"][:2]})
+    )
+    second.write_text(
+        json.dumps({**whole, "args": {"max_dets": 100, "seeds": [1]}, "runs": whole["runs"][2:]})
+    )
+    bench.main(bench.get_args_parser().parse_args(["--report", str(first), str(second)]))
+    _assert_report(capsys.readouterr().out)
+
+    with pytest.raises(SystemExit, match="pep seed 1 is in both"):
+        bench.main(bench.get_args_parser().parse_args(["--report", str(first), str(saved)]))
+    second.write_text(json.dumps({**whole, "args": {"max_dets": 400}, "runs": []}))
+    with pytest.raises(SystemExit, match="differ in max_dets"):
+        bench.main(bench.get_args_parser().parse_args(["--report", str(first), str(second)]))
+
+
+def _assert_report(out: str) -> None:
     assert "| PEP (both) | 1,2 | 0.200 ± 0.141 |" in out
     assert "| Mask R-CNN (torchvision, 64-wide) | 1 | 0.200 |" in out
     # first / last epoch, mean over seeds: pep loss (2+6)/2 -> (1+3)/2, loss_mask 2 -> 0.5
