@@ -78,6 +78,11 @@ class ModelConfig:
     # mined descriptor MLP also sees the descriptor at the key pixel (measured: needed to learn
     # the neighbours' masks; the copied descriptor + coordinates alone reach segm AP ~0.4)
     excavate_local_descriptor: bool = True
+    # Whether the mined descriptors' mask loss (Eq. 7) back-propagates into the general feature
+    # B. Their inputs are detached copies already (`ObjectExcavating.mine`), so B is the one
+    # shared part their masks train; false keeps B to the original descriptors' masks (the
+    # mined masks still train the excavating MLP). See BENCHMARKS.md, the excavating probes.
+    mined_mask_trains_feature: bool = True
     purify_embed_dim: int = 64  # width of the purifying embedding whose cosine gives M
     point_nms: bool = True  # keep only 3x3 local maxima of class scores as original descriptors
 

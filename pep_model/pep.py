@@ -238,7 +238,14 @@ class PEP(nn.Module):
                 loc_strides = torch.cat([loc_strides, loc_strides[orig]])
                 instance_ids = torch.cat([instance_ids, target_ids])
 
-            mask_preds.append(mask_logits(descriptors, general[b]))  # N_all x h x w
+            if self.excavating is not None and not cfg.mined_mask_trains_feature:
+                n_ori = descriptors.shape[0] - mined.shape[0]
+                mask_preds.append(torch.cat([  # the mined masks on a detached B
+                    mask_logits(descriptors[:n_ori], general[b]),
+                    mask_logits(descriptors[n_ori:], general[b].detach()),
+                ]))
+            else:
+                mask_preds.append(mask_logits(descriptors, general[b]))  # N_all x h x w
             mask_gts.append(gt_small[instance_ids])
 
             if self.purifying is not None:

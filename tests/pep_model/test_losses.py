@@ -145,3 +145,29 @@ def test_missing_or_mismatched_pretrained_file_names_the_file(tmp_path):
     torch.save(resnet18(weights=None).state_dict(), wrong)
     with pytest.raises(PretrainedWeightsError, match="r18.pth"):
         Backbone("resnet34", 32, pretrained_path=str(wrong))
+
+
+def test_mined_masks_can_be_kept_from_training_the_general_feature(crowded_batch):
+    images, targets = crowded_batch
+
+    def losses_and_model(trains_feature):
+        torch.manual_seed(0)
+        cfg = tiny_config(excavate=True, purify=False, mined_mask_trains_feature=trains_feature)
+        model = build_model(cfg)
+        torch.manual_seed(1)  # the same descriptor and key sub-sampling in both
+        return model.train()(images, targets), model
+
+    full, full_model = losses_and_model(True)
+    cut, cut_model = losses_and_model(False)
+    for key in full:  # the forward pass is the same
+        assert float(cut[key]) == pytest.approx(float(full[key]), rel=1e-5)
+    for model, losses in ((full_model, full), (cut_model, cut)):
+        model.zero_grad()
+        losses["loss_mask"].backward()
+        # the mined masks still train the excavating MLP
+        assert model.excavating.mined_descriptor.weight.grad.abs().sum() > 0
+    full_b = full_model.mask_feature.out.weight.grad
+    cut_b = cut_model.mask_feature.out.weight.grad
+    assert cut_b.abs().sum() > 0  # the original descriptors' masks still train B
+    assert not torch.allclose(cut_b, full_b)  # but the mined ones no longer do
+
