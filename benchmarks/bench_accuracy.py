@@ -3,7 +3,7 @@
     python benchmarks/bench_accuracy.py [--data COCO_FOLDER] [--config configs/tiny.yaml]
         [--set key=value ...] [--models pep baseline excavate purify maskrcnn]
         [--seeds 1 2] [--epochs 12] [--max-dets 100] [--maskrcnn-width matched|torchvision]
-        [--train-images N] [--threads 2] [--out results.json]
+        [--train-images N] [--threads 2] [--out results.json] [--save-dir DIR]
     python benchmarks/bench_accuracy.py --report results.json [more.json ...]  # tables, no training
 
 `--report` with several `--out` files merges their runs into one table (e.g. a run that
@@ -68,6 +68,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform  # n
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool  # noqa: E402
 
 from pep_model import Config, build_model, load_config  # noqa: E402
+from pep_model.config import config_to_dict  # noqa: E402
 from pipeline import evaluate, experiment, reader  # noqa: E402
 from pipeline.inference import INFERENCE_COLUMNS, predict_rows  # noqa: E402
 from pipeline.train import build_lr_scheduler, build_optimizer, train_one_epoch  # noqa: E402
@@ -119,6 +120,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--work-dir", default=str(ROOT / "work"), help="data and shards go here")
     parser.add_argument("--out", default=None, help="write all numbers as JSON here")
+    parser.add_argument(
+        "--save-dir",
+        default=None,
+        help="save each PEP model as DIR/<model>-seed<N>.pt (a checkpoint diag_pep.py reads)",
+    )
     parser.add_argument(
         "--report",
         nargs="+",
@@ -346,7 +352,7 @@ def print_report(runs: list[dict], models: list[str], max_dets: int, maskrcnn_la
 
 
 # settings that may differ between --out files merged by --report
-_MERGEABLE = {"models", "seeds", "out", "report"}
+_MERGEABLE = {"models", "seeds", "out", "report", "save_dir"}
 
 
 def merge_saved(paths: list[str]) -> dict:
@@ -433,6 +439,13 @@ def main(args: argparse.Namespace) -> None:
                     "losses": history,
                 }
             )
+            if args.save_dir and name in PEP_VARIANTS:
+                save_dir = Path(args.save_dir)
+                save_dir.mkdir(parents=True, exist_ok=True)
+                torch.save(
+                    {"model": model.state_dict(), "config": config_to_dict(model_cfg)},
+                    save_dir / f"{name}-seed{seed}.pt",
+                )
             if args.out:
                 saved = {"args": vars(args), "maskrcnn_label": label, "runs": runs}
                 Path(args.out).write_text(json.dumps(saved, indent=1))

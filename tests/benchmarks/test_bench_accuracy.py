@@ -148,3 +148,33 @@ def _assert_report(out: str) -> None:
     # first / last epoch, mean over seeds: pep loss (2+6)/2 -> (1+3)/2, loss_mask 2 -> 0.5
     assert "| pep | loss | 4.000 | 2.000 |" in out and "| pep | loss_mask | 2.000 | 0.500 |" in out
     assert "| maskrcnn | loss_mask | 4.000 | 0.500 |" in out
+
+
+def test_save_dir_writes_pep_checkpoints_that_load_and_score_the_same(
+    bench, tiny_shards, tmp_path, capsys
+):
+    from conftest import TINY_OVERRIDES
+
+    from pep_model import load_checkpoint
+    from pipeline import experiment
+
+    out, save_dir = tmp_path / "results.json", tmp_path / "models"
+    argv = ["--data", str(tiny_shards), "--work-dir", str(tmp_path), "--models", "baseline"]
+    argv += ["--seeds", "1", "--epochs", "1", "--threads", "1", "--out", str(out)]
+    argv += ["--save-dir", str(save_dir)]
+    for override in TINY_OVERRIDES:
+        argv += ["--set", override]
+    bench.main(bench.get_args_parser().parse_args(argv))
+    capsys.readouterr()
+
+    assert sorted(p.name for p in save_dir.iterdir()) == ["baseline-seed1.pt"]
+    model, cfg = load_checkpoint(save_dir / "baseline-seed1.pt")
+    assert (cfg.model.excavate, cfg.model.purify) == (False, False)
+    torch.manual_seed(1)  # the untrained model of that run: the saved weights are trained ones
+    untrained = bench.build("baseline", cfg, 100, "matched").state_dict()
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, untrained[k])]
+    assert any(k.startswith("mask_feature.") for k in changed)
+    splits = experiment.resolve_data(str(tiny_shards), cfg, tmp_path)
+    metrics, _ = bench.evaluate_model(model, splits, 100)
+    (run,) = json.loads(out.read_text())["runs"]
+    assert metrics["segm/AP"] == pytest.approx(run["metrics"]["segm/AP"], abs=1e-9)
