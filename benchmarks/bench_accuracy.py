@@ -312,17 +312,16 @@ def summarise(values: list[float], digits: int = 3) -> str:
 def table(
     runs: list[dict], models: list[str], max_dets: int, maskrcnn_label: str = "Mask R-CNN"
 ) -> str:
+    # every AP column at the raised detection limit when there is one (not only AP itself)
     suffix = "" if max_dets == 100 else f"@{max_dets}"
-    cols = [c.replace("/AP", f"/AP{suffix}") if c.endswith("/AP") else c for c in COLUMNS]
-    head = ["model", "seeds", *cols, "train s", "infer ms/img", "params M"]
+    head = ["model", "seeds", *(c + suffix for c in COLUMNS), "train s", "infer ms/img", "params M"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name in models:
         mine = [r for r in runs if r["model"] == name]
         label = PEP_VARIANTS[name][0] if name in PEP_VARIANTS else maskrcnn_label
         cells = [label, ",".join(str(r["seed"]) for r in mine)]
         for key in COLUMNS:
-            key = key + suffix if key.endswith("/AP") and suffix else key
-            cells.append(summarise([r["metrics"].get(key, float("nan")) for r in mine]))
+            cells.append(summarise([r["metrics"].get(key + suffix, float("nan")) for r in mine]))
         cells.append(summarise([r["train_s"] for r in mine], digits=0))
         cells.append(summarise([r["infer_ms"] for r in mine], digits=0))
         cells.append(f"{mine[0]['params_m']:.1f}" if mine else "-")

@@ -92,6 +92,13 @@ def test_table_shows_mean_and_spread_over_seeds_and_na_for_missing_sizes(bench):
     assert "| 15 ± 7 |" in pep_row
     assert "| Mask R-CNN (torchvision, 64-wide) | 1 | 0.200 |" in text
 
+    # a raised detection limit: every AP column is read at it
+    raised = [run("pep", 1, 0.30)]
+    raised[0]["metrics"] = {k + "@400": 0.5 for k in bench.COLUMNS} | raised[0]["metrics"]
+    text = bench.table(raised, ["pep"], 400)
+    assert text.splitlines()[0].startswith("| model | seeds | segm/AP@400 | segm/AP50@400 |")
+    assert "| PEP (both) | 1 | 0.500 | 0.500 | 0.500 |" in text
+
 
 def test_report_reprints_the_tables_and_loss_terms_of_a_saved_run(bench, tmp_path, capsys):
     def run(model, seed, ap, loss):
