@@ -83,6 +83,10 @@ class ModelConfig:
     # shared part their masks train; false keeps B to the original descriptors' masks (the
     # mined masks still train the excavating MLP). See BENCHMARKS.md, the excavating probes.
     mined_mask_trains_feature: bool = True
+    # Normaliser of the mask loss (Eq. 7 is a sum over the N_all descriptors): "all" = mean
+    # over N_all (mined descriptors dilute the originals' weight as they grow in number),
+    # "originals" = sum / N_ori (the originals keep their weight; the mined add to it).
+    mask_loss_norm: str = "all"
     purify_embed_dim: int = 64  # width of the purifying embedding whose cosine gives M
     point_nms: bool = True  # keep only 3x3 local maxima of class scores as original descriptors
 

@@ -181,6 +181,7 @@ class PEP(nn.Module):
         )
 
         cls_targets, mask_preds, mask_gts = [], [], []
+        num_originals = 0
         heat_preds, heat_gts, mined_preds, mined_gts = [], [], [], []
         pair_logits, pair_gts = [], []
         for b, target in enumerate(targets):
@@ -209,6 +210,7 @@ class PEP(nn.Module):
             locations = positions[pos]  # N_ori x 2
             loc_strides = cell_strides[pos]  # N_ori
             instance_ids = ids_t[pos]  # N_ori
+            num_originals += pos.numel()
             gt_small = downsample_masks(padded, ms)  # M x h x w
 
             if self.excavating is not None:
@@ -273,8 +275,18 @@ class PEP(nn.Module):
         if self.purifying is not None:
             losses["loss_graph"] = cfg.gamma * graph_loss(torch.cat(pair_logits),
                                                           torch.cat(pair_gts))
-        losses["loss_mask"] = cfg.delta * mask_loss(
-            torch.cat(mask_preds), torch.cat(mask_gts), cfg.mask_loss
+        all_masks = torch.cat(mask_preds)
+        if cfg.mask_loss_norm not in ("all", "originals"):
+            raise ValueError(
+                f"model.mask_loss_norm: unknown {cfg.mask_loss_norm!r}; use all or originals"
+            )
+        # mask_loss is a mean over N_all; "originals" turns it into sum / N_ori
+        norm = (
+            all_masks.shape[0] / num_originals
+            if cfg.mask_loss_norm == "originals" and num_originals > 0 else 1.0
+        )
+        losses["loss_mask"] = cfg.delta * norm * mask_loss(
+            all_masks, torch.cat(mask_gts), cfg.mask_loss
         )
         return losses
 

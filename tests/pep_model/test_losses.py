@@ -171,3 +171,22 @@ def test_mined_masks_can_be_kept_from_training_the_general_feature(crowded_batch
     assert cut_b.abs().sum() > 0  # the original descriptors' masks still train B
     assert not torch.allclose(cut_b, full_b)  # but the mined ones no longer do
 
+
+
+def test_mask_loss_norm_originals_keeps_the_originals_weight(crowded_batch):
+    images, targets = crowded_batch
+
+    def loss_mask(**overrides):
+        torch.manual_seed(0)
+        model = build_model(tiny_config(excavate=True, purify=False, **overrides)).train()
+        torch.manual_seed(1)  # the same descriptor and key sub-sampling in every call
+        return float(model(images, targets)["loss_mask"])
+
+    # without mined descriptors N_all = N_ori: both normalisers agree
+    assert loss_mask(max_train_mined=0, mask_loss_norm="originals") == pytest.approx(
+        loss_mask(max_train_mined=0, mask_loss_norm="all"), rel=1e-6
+    )
+    # with them, sum / N_ori exceeds the mean over N_all by N_all / N_ori > 1
+    assert loss_mask(mask_loss_norm="originals") > 1.2 * loss_mask(mask_loss_norm="all")
+    with pytest.raises(ValueError, match="mask_loss_norm: unknown 'sum'"):
+        loss_mask(mask_loss_norm="sum")
