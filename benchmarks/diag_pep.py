@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import itertools
 import sys
 from collections import Counter
@@ -228,6 +229,10 @@ def mask_loss_split(model: PEP, batches) -> dict[str, float]:
 
     original, mined_losses = [], []
     model.train()
+    # one mask_logits call per image with all N_all descriptors (the split below relies on it);
+    # the losses' values do not depend on where B's gradient stops
+    config = model.config
+    model.config = dataclasses.replace(config, mined_mask_trains_feature=True)
     try:
         with (
             mock.patch.object(pep_model.pep, "mask_logits", count_all),
@@ -246,6 +251,7 @@ def mask_loss_split(model: PEP, batches) -> dict[str, float]:
                     mined_losses.append(per_descriptor[0][start + n - k : start + n])
                     start += n
     finally:
+        model.config = config
         model.eval()
     o, m = torch.cat(original), torch.cat(mined_losses)
     return {

@@ -80,10 +80,15 @@ def test_best_ious_per_object_and_per_prediction(diag):
     assert none_o.tolist() == [0.0, 0.0] and none_p.numel() == 0
 
 
-def test_mask_loss_split_adds_up_to_the_models_own_mask_loss(diag, tiny_shards, tiny_config):
+@pytest.mark.parametrize("trains_feature", [True, False])
+def test_mask_loss_split_adds_up_to_the_models_own_mask_loss(
+    diag, tiny_shards, tiny_config, trains_feature
+):
     from pipeline import reader
 
-    cfg = tiny_config("model.mask_loss=bce_dice")
+    cfg = tiny_config(
+        "model.mask_loss=bce_dice", f"model.mined_mask_trains_feature={str(trains_feature).lower()}"
+    )
     torch.manual_seed(0)
     model = build_model(cfg.model)
     batch = next(reader.local_batches(tiny_shards / "train", cfg.data, 4))
@@ -98,3 +103,4 @@ def test_mask_loss_split_adds_up_to_the_models_own_mask_loss(diag, tiny_shards, 
         split["original"] * split["original_loss"] + split["mined"] * split["mined_loss"]
     ) / total
     assert mean == pytest.approx(float(own), rel=1e-5)
+    assert model.config.mined_mask_trains_feature is trains_feature  # restored
