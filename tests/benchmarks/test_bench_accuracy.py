@@ -158,10 +158,8 @@ def _assert_report(out: str) -> None:
 
 
 def test_save_dir_writes_pep_checkpoints_that_load_and_score_the_same(
-    bench, tiny_shards, tmp_path, capsys
+    bench, tiny_shards, tiny_overrides, tmp_path, capsys
 ):
-    from conftest import TINY_OVERRIDES
-
     from pep_model import load_checkpoint
     from pipeline import experiment
 
@@ -169,7 +167,7 @@ def test_save_dir_writes_pep_checkpoints_that_load_and_score_the_same(
     argv = ["--data", str(tiny_shards), "--work-dir", str(tmp_path), "--models", "baseline"]
     argv += ["--seeds", "1", "--epochs", "1", "--threads", "1", "--out", str(out)]
     argv += ["--save-dir", str(save_dir)]
-    for override in TINY_OVERRIDES:
+    for override in tiny_overrides:
         argv += ["--set", override]
     bench.main(bench.get_args_parser().parse_args(argv))
     capsys.readouterr()
