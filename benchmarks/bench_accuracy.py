@@ -67,8 +67,7 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.models.detection.transform import GeneralizedRCNNTransform  # noqa: E402
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool  # noqa: E402
 
-from pep_model import Config, build_model, load_config  # noqa: E402
-from pep_model.config import config_to_dict  # noqa: E402
+from pep_model import Config, build_model, load_config, save_checkpoint  # noqa: E402
 from pipeline import evaluate, experiment, reader  # noqa: E402
 from pipeline.inference import INFERENCE_COLUMNS, predict_rows  # noqa: E402
 from pipeline.train import build_lr_scheduler, build_optimizer, train_one_epoch  # noqa: E402
@@ -439,12 +438,7 @@ def main(args: argparse.Namespace) -> None:
                 }
             )
             if args.save_dir and name in PEP_VARIANTS:
-                save_dir = Path(args.save_dir)
-                save_dir.mkdir(parents=True, exist_ok=True)
-                torch.save(
-                    {"model": model.state_dict(), "config": config_to_dict(model_cfg)},
-                    save_dir / f"{name}-seed{seed}.pt",
-                )
+                save_checkpoint(Path(args.save_dir) / f"{name}-seed{seed}.pt", model, model_cfg)
             if args.out:
                 saved = {"args": vars(args), "maskrcnn_label": label, "runs": runs}
                 Path(args.out).write_text(json.dumps(saved, indent=1))
