@@ -55,7 +55,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--objects", type=int, default=8, help="rectangles per image")
     parser.add_argument("--profile", action="store_true", help="profile PEP train/inference")
     parser.add_argument(
-        "--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
+        "--variants",
+        nargs="+",
+        default=list(VARIANTS),
+        choices=list(VARIANTS),
         help="PEP settings to time beside Mask R-CNN",
     )
     return parser
@@ -70,9 +73,11 @@ def make_batch(batch: int, size: int, objects: int, seed: int = 0):
         masks = torch.zeros((objects, size, size), dtype=torch.uint8)
         for i in range(objects):
             w, h = torch.randint(size // 16, size // 3, (2,), generator=g).tolist()
-            x, y = torch.randint(0, size - w, (1,), generator=g).item(), torch.randint(
-                0, size - h, (1,), generator=g).item()
-            masks[i, y:y + h, x:x + w] = 1
+            x, y = (
+                torch.randint(0, size - w, (1,), generator=g).item(),
+                torch.randint(0, size - h, (1,), generator=g).item(),
+            )
+            masks[i, y : y + h, x : x + w] = 1
         boxes = masks_to_boxes(masks)
         boxes[:, 2:] += 1
         labels = torch.randint(1, NUM_CLASSES + 1, (objects,), generator=g)
@@ -97,9 +102,15 @@ VARIANTS = {
 
 def pep_model(**overrides):
     config = ModelConfig(
-        num_classes=NUM_CLASSES, backbone="resnet50", norm="bn", trainable_layers=5,
-        score_threshold=0.0, candidate_threshold=0.0, pre_topk=100,
-        excavate_threshold=0.0, excavate_topk=1,
+        num_classes=NUM_CLASSES,
+        backbone="resnet50",
+        norm="bn",
+        trainable_layers=5,
+        score_threshold=0.0,
+        candidate_threshold=0.0,
+        pre_topk=100,
+        excavate_threshold=0.0,
+        excavate_topk=1,
     )
     for key, value in overrides.items():
         setattr(config, key, value)
@@ -108,8 +119,12 @@ def pep_model(**overrides):
 
 def mask_rcnn(size: int):
     return maskrcnn_resnet50_fpn(
-        weights=None, weights_backbone=None, num_classes=NUM_CLASSES + 1,
-        min_size=size, max_size=size, box_score_thresh=0.0,
+        weights=None,
+        weights_backbone=None,
+        num_classes=NUM_CLASSES + 1,
+        min_size=size,
+        max_size=size,
+        box_score_thresh=0.0,
     )
 
 
@@ -124,8 +139,9 @@ def timed(fn, iters: int) -> float:
 
 
 def train_step_fn(model, images, targets):
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4,
-                                momentum=0.9)
+    optimizer = torch.optim.SGD(
+        [p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9
+    )
 
     def step():
         model.train()
@@ -175,17 +191,22 @@ def profile(fn, title: str, rows: int = 18) -> None:
         fn()
     print(f"\n### profile: {title}")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
-    print(prof.key_averages(group_by_input_shape=True).table(
-        sort_by="self_cpu_time_total", row_limit=10))
+    print(
+        prof.key_averages(group_by_input_shape=True).table(
+            sort_by="self_cpu_time_total", row_limit=10
+        )
+    )
 
 
 def main(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     images, targets = make_batch(args.batch, args.size, args.objects)
-    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-          f"{args.threads} threads, batch {args.batch} x {args.size}x{args.size}, "
-          f"{args.objects} objects/image, median of {args.iters} after 1 warm-up")
+    print(
+        f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+        f"{args.threads} threads, batch {args.batch} x {args.size}x{args.size}, "
+        f"{args.objects} objects/image, median of {args.iters} after 1 warm-up"
+    )
 
     rows = []
     mrcnn = mask_rcnn(args.size)
@@ -207,14 +228,21 @@ def main(args: argparse.Namespace) -> None:
             profile(inference_fn(model, images), "PEP inference")
         del model
 
-    print("\n| model | train step (s) | vs Mask R-CNN | inference (s) | vs Mask R-CNN "
-          "| fwd+bwd (s) | backbone+FPN fwd+bwd (s) | heads overhead |")
+    print(
+        "\n| model | train step (s) | vs Mask R-CNN | inference (s) | vs Mask R-CNN "
+        "| fwd+bwd (s) | backbone+FPN fwd+bwd (s) | heads overhead |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for name, t_train, t_inf, fb in rows:
-        extra = "| - | - | -" if fb is None else (
-            f"| {fb[0]:.2f} | {fb[1]:.2f} | {100 * (fb[0] / fb[1] - 1):.0f}%")
-        print(f"| {name} | {t_train:.2f} | {t_train / t_mr_train:.2f}x | {t_inf:.2f} "
-              f"| {t_inf / t_mr_inf:.2f}x {extra} |")
+        extra = (
+            "| - | - | -"
+            if fb is None
+            else (f"| {fb[0]:.2f} | {fb[1]:.2f} | {100 * (fb[0] / fb[1] - 1):.0f}%")
+        )
+        print(
+            f"| {name} | {t_train:.2f} | {t_train / t_mr_train:.2f}x | {t_inf:.2f} "
+            f"| {t_inf / t_mr_inf:.2f}x {extra} |"
+        )
     print("\ntargets: PEP train step <= 0.6x Mask R-CNN, inference <= 0.5x, heads overhead <= 40%")
 
 

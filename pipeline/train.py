@@ -199,12 +199,15 @@ def train_one_epoch(
 
     `data_wait_s` is the time spent waiting for the next batch (reading, decoding and
     collating upstream): when it is a large share of `epoch_time_s`, training is input-bound.
+    `cpu_cores` is this process's CPU time over the epoch's wall time: how many cores the
+    worker kept busy (below its torch threads when other processes take the cores).
     """
     model.train()
     sums: dict[str, float] = defaultdict(float)
     steps = images_seen = 0
     data_wait = 0.0
     use_amp = cfg.train.amp and device.type == "cuda"
+    cpu_start = time.process_time()
     start = wait_start = time.perf_counter()
     for images, targets in batches:
         data_wait += time.perf_counter() - wait_start
@@ -232,6 +235,7 @@ def train_one_epoch(
         images_seen += len(images)
         wait_start = time.perf_counter()
     elapsed = time.perf_counter() - start
+    cpu = time.process_time() - cpu_start
     metrics = {key: value / max(steps, 1) for key, value in sums.items()}
     metrics.update(
         lr=optimizer.param_groups[0]["lr"],
@@ -239,6 +243,7 @@ def train_one_epoch(
         steps=steps,
         epoch_time_s=elapsed,
         data_wait_s=data_wait,
+        cpu_cores=cpu / max(elapsed, 1e-9),
     )
     return metrics
 

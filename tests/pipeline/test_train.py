@@ -75,6 +75,8 @@ def test_checkpoints_load_and_existing_run_needs_resume(tiny_config, tiny_shards
     assert run.result.metrics["steps"] == 6  # 12 train images / batch 2 / 1 worker
     assert run.result.metrics["torch_threads"] == cfg.train.cpus_per_worker == 1
     assert 0 <= run.result.metrics["data_wait_s"] <= run.result.metrics["epoch_time_s"]
+    # the worker computed (its CPU time is real), and no process outruns the machine
+    assert 0.1 < run.result.metrics["cpu_cores"] <= os.cpu_count()
     assert all(
         torch.isfinite(torch.tensor(v)) for k, v in run.result.metrics.items() if "loss" in k
     )
