@@ -13,12 +13,21 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# Logical CPUs of the tests' Ray: twice the 2 cores of the project's machines. A tiny run
+# spends most of its time starting processes (each new Ray Train / Ray Data process imports
+# torch: seconds), not computing, so the sweep's and the ablation's runs go two at a time
+# (one run holds 2 logical CPUs: worker, decoding, validation).
+TEST_RAY_CPUS = 4
+
+
 def ensure_local_ray():
-    """Start the tests' local Ray instance (2 CPUs, no dashboard) unless Ray is initialised."""
+    """Start the tests' local Ray instance (no dashboard) unless Ray is initialised."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(
+            address="local", num_cpus=TEST_RAY_CPUS, include_dashboard=False, log_to_driver=False
+        )
     return ray
 
 
@@ -33,7 +42,7 @@ def local_ray():
 
 @pytest.fixture(scope="module")
 def ray_session(local_ray):
-    """The local Ray instance with 2 CPUs: started once, restarted if a test shut it down."""
+    """The local Ray instance: started once, restarted if a test shut it down."""
     return local_ray()
 
 
@@ -47,7 +56,7 @@ TINY_OVERRIDES = [
     "data.train_size=[96]",
     "data.max_size=96",
     "train.batch_size=2",
-    "train.cpus_per_worker=1",  # the tests' Ray has 2 CPUs, shared by several runs
+    "train.cpus_per_worker=1",  # the tests' Ray is shared by several runs
     "train.warmup_iters=5",
     "train.epochs=2",
     "train.milestones=[100]",
