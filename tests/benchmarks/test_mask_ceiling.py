@@ -2,25 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from pycocotools import mask as mask_utils
 
-ROOT = Path(__file__).resolve().parents[2]
-
 
 @pytest.fixture(scope="module")
-def ceiling():
-    path = ROOT / "benchmarks" / "mask_ceiling.py"
-    spec = importlib.util.spec_from_file_location("mask_ceiling", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def ceiling(load_benchmark):
+    return load_benchmark("mask_ceiling")
 
 
 def _rle(mask: np.ndarray) -> dict:
