@@ -4,7 +4,16 @@
         [--set key=value ...] [--models pep baseline excavate purify maskrcnn]
         [--seeds 1 2] [--epochs 12] [--max-dets 100] [--maskrcnn-width matched|torchvision]
         [--train-images N] [--threads 2] [--out results.json] [--save-dir DIR]
+        [--budget-s SECONDS|maskrcnn] [--plot curves.png]
     python benchmarks/bench_accuracy.py --report results.json [more.json ...]  # tables, no training
+
+Equal epochs (default): every model trains the config's epochs. Equal time (`--budget-s`):
+every model trains as many epochs as fit in the budget, on the config's schedule shape (its
+lr milestones as fractions of its epochs), planned from the first epoch's time.
+`--budget-s maskrcnn` trains Mask R-CNN first (per seed, the config's epochs) and gives its
+training time to every other model. Each model is evaluated after every epoch (evaluation
+time is not training time), so each run has an AP-versus-training-time curve; `--plot`
+draws every run's curve (default: beside `--out`, as .png).
 
 `--report` with several `--out` files merges their runs into one table (e.g. a run that
 crashed part-way, continued with `--models`/`--seeds` for the missing runs): the files must
@@ -45,6 +54,7 @@ import platform
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,6 +125,14 @@ def get_args_parser() -> argparse.ArgumentParser:
         choices=["matched", "torchvision"],
         default="matched",
         help="Mask R-CNN FPN/head width: the config's model.fpn_channels, or torchvision's 256",
+    )
+    parser.add_argument(
+        "--budget-s",
+        default=None,
+        help="equal training time: seconds per model, or 'maskrcnn' (its config-epochs time)",
+    )
+    parser.add_argument(
+        "--plot", default=None, help="AP-vs-training-time PNG (default: --out with .png)"
     )
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--work-dir", default=str(ROOT / "work"), help="data and shards go here")
@@ -251,14 +269,51 @@ def epoch_batches(table: pa.Table, cfg: Config, seed: int, epoch: int):
         )
 
 
-def train(model: nn.Module, table: pa.Table, cfg: Config, seed: int) -> tuple[float, list]:
+def budget_epochs(budget_s: float, first_epoch_s: float) -> int:
+    """Epochs that fit in the budget at the first epoch's pace (at least the one done)."""
+    return max(1, math.floor(budget_s / max(first_epoch_s, 1e-9)))
+
+
+def scaled_milestones(milestones: list[int], config_epochs: int, epochs: int) -> list[int]:
+    """The config's lr milestones at the same fractions of `epochs` (its schedule shape)."""
+    return sorted({min(epochs, max(1, round(m * epochs / config_epochs))) for m in milestones})
+
+
+def replan_schedule(
+    optimizer: torch.optim.Optimizer, cfg: Config, iters: int, epochs: int
+) -> tuple[torch.optim.lr_scheduler.LambdaLR, list[int]]:
+    """After the first epoch: the config's warm-up and lr steps with its milestones moved to
+    the same fractions of `epochs`, continuing at iteration `iters`."""
+    planned = scaled_milestones(cfg.train.milestones, cfg.train.epochs, epochs)
+    plan = replace(cfg, train=replace(cfg.train, milestones=planned))
+    factor = build_lr_scheduler(optimizer, plan, iters).lr_lambdas[0]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor, last_epoch=iters - 1), planned
+
+
+def train(
+    model: nn.Module,
+    table: pa.Table,
+    cfg: Config,
+    seed: int,
+    budget_s: float | None = None,
+    evaluate=None,
+) -> tuple[float, list, list]:
+    """Train for the config's epochs, or for as many as fit in `budget_s`.
+
+    `evaluate(model) -> metrics` runs after every epoch (not counted as training time).
+    Returns (training seconds, per-epoch loss terms, curve: per-epoch {epoch, train_s,
+    metrics}).
+    """
     iters = math.ceil(table.num_rows / cfg.train.batch_size)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_lr_scheduler(optimizer, cfg, iters)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    history = []
-    start = time.perf_counter()
-    for epoch in range(cfg.train.epochs):
+    epochs = cfg.train.epochs
+    history, curve = [], []
+    train_s = 0.0
+    epoch = 0
+    while epoch < epochs:
+        start = time.perf_counter()
         metrics = train_one_epoch(
             model,
             optimizer,
@@ -268,13 +323,27 @@ def train(model: nn.Module, table: pa.Table, cfg: Config, seed: int) -> tuple[fl
             cfg,
             scaler,
         )
+        train_s += time.perf_counter() - start
+        if budget_s is not None and epoch == 0:
+            epochs = budget_epochs(budget_s, train_s)
+            scheduler, planned = replan_schedule(optimizer, cfg, iters, epochs)
+            print(
+                f"    budget {budget_s:.0f} s: {epochs} epochs at {train_s:.0f} s/epoch, "
+                f"lr x{cfg.train.lr_gamma} after epochs {planned}",
+                flush=True,
+            )
         history.append({k: v for k, v in metrics.items() if k.startswith("loss")})
-        print(
-            f"    epoch {epoch + 1}/{cfg.train.epochs} loss {metrics['loss']:.3f} "
-            f"({metrics['epoch_time_s']:.0f} s)",
-            flush=True,
+        line = (
+            f"    epoch {epoch + 1}/{epochs} loss {metrics['loss']:.3f} "
+            f"({metrics['epoch_time_s']:.0f} s, {train_s:.0f} s in all)"
         )
-    return time.perf_counter() - start, history
+        if evaluate is not None:
+            scores = evaluate(model)
+            curve.append({"epoch": epoch + 1, "train_s": train_s, "metrics": scores})
+            line += f", segm AP {scores['segm/AP']:.3f}"
+        print(line, flush=True)
+        epoch += 1
+    return train_s, history, curve
 
 
 def evaluate_model(model: nn.Module, splits, max_dets: int) -> tuple[dict, float]:
@@ -381,36 +450,94 @@ def merge_saved(paths: list[str]) -> dict:
     return merged
 
 
+def plot_curves(
+    runs: list[dict],
+    models: list[str],
+    path: str | Path,
+    title: str,
+    maskrcnn_label: str = "Mask R-CNN",
+) -> None:
+    """segm AP (at the run's maxDets) against training time, one line per (model, seed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colours = dict(zip(MODELS, ["C0", "C1", "C2", "C3", "C7"]))
+    for name in models:
+        label = PEP_VARIANTS[name][0] if name in PEP_VARIANTS else maskrcnn_label
+        for i, run in enumerate(r for r in runs if r["model"] == name and r.get("curve")):
+            xs = [point["train_s"] / 60 for point in run["curve"]]
+            ys = [point["metrics"]["segm/AP"] for point in run["curve"]]
+            ax.plot(
+                xs,
+                ys,
+                marker="o",
+                markersize=3,
+                color=colours[name],
+                linestyle=["-", "--", ":", "-."][run["seed"] % 4],
+                label=f"{label}, seed {run['seed']}" if i < 4 else None,
+            )
+    ax.set_xlabel("training time (min, this CPU)")
+    ax.set_ylabel("val segm AP")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(args: argparse.Namespace) -> None:
     if args.report:
         saved = merge_saved(args.report)
         models = [m for m in MODELS if any(r["model"] == m for r in saved["runs"])]
-        print_report(
-            saved["runs"],
-            models,
-            saved["args"]["max_dets"],
-            saved.get("maskrcnn_label", "Mask R-CNN"),
-        )
+        label = saved.get("maskrcnn_label", "Mask R-CNN")
+        print_report(saved["runs"], models, saved["args"]["max_dets"], label)
+        if args.plot:
+            plot_curves(saved["runs"], models, args.plot, saved.get("title", ""), label)
+            print(f"plot: {args.plot}")
         return
+    budget = args.budget_s
+    if budget is not None and budget != "maskrcnn":
+        try:
+            budget = float(budget)
+        except ValueError:
+            raise SystemExit(f"--budget-s: seconds or 'maskrcnn', got {budget!r}") from None
+    if budget == "maskrcnn" and "maskrcnn" not in args.models:
+        raise SystemExit("--budget-s maskrcnn needs maskrcnn in --models")
     torch.set_num_threads(args.threads)
     overrides = list(args.overrides) + ([f"train.epochs={args.epochs}"] if args.epochs else [])
     cfg = load_config(args.config, overrides)
     splits = experiment.resolve_data(args.data, cfg, args.work_dir)  # starts Ray only to prepare
     cfg.model.num_classes = splits.categories.num_classes
     rows = read_rows(splits.train_shards, args.train_images)
+    mode = (
+        f"{cfg.train.epochs} epochs"
+        if budget is None
+        else f"equal time: {budget if budget == 'maskrcnn' else f'{budget:.0f} s'} per model"
+    )
     print(
         f"torch {torch.__version__}, {platform.machine()}, {args.threads} threads; data "
         f"{splits.source}: {rows.num_rows} train images, val {splits.val_shards}; "
-        f"{cfg.train.epochs} epochs, batch {cfg.train.batch_size}, {cfg.train.optimizer} lr "
+        f"{mode}, batch {cfg.train.batch_size}, {cfg.train.optimizer} lr "
         f"{cfg.train.lr}, sizes {cfg.data.train_size}, backbone {cfg.model.backbone}, "
         f"maxDets {args.max_dets}",
         flush=True,
     )
     width = cfg.model.fpn_channels if args.maskrcnn_width == "matched" else 256
     label = f"Mask R-CNN (torchvision, {width}-wide)"
+    title = f"{splits.source}: {rows.num_rows} train images, {mode}"
+    # with the budget taken from Mask R-CNN, it trains first in every seed
+    order = (
+        sorted(args.models, key=lambda m: m != "maskrcnn") if budget == "maskrcnn" else args.models
+    )
+    plot = args.plot or (str(Path(args.out).with_suffix(".png")) if args.out else None)
     runs = []
     for seed in args.seeds:
-        for name in args.models:
+        seed_budget = None if budget == "maskrcnn" else budget
+        for name in order:
             model_cfg = load_config(args.config, overrides)
             model_cfg.model.num_classes = cfg.model.num_classes
             for key, value in PEP_VARIANTS.get(name, (None, {}))[1].items():
@@ -419,11 +546,21 @@ def main(args: argparse.Namespace) -> None:
             model = build(name, model_cfg, args.max_dets, args.maskrcnn_width)
             params = sum(p.numel() for p in model.parameters()) / 1e6
             print(f"{name} seed {seed} ({params:.1f} M parameters)", flush=True)
-            train_s, history = train(model, rows, model_cfg, seed)
-            metrics, infer_ms = evaluate_model(model, splits, args.max_dets)
+            infer = []
+
+            def score(m, infer=infer):
+                metrics, ms = evaluate_model(m, splits, args.max_dets)
+                infer.append(ms)
+                return metrics
+
+            run_budget = None if name == "maskrcnn" and budget == "maskrcnn" else seed_budget
+            train_s, history, curve = train(model, rows, model_cfg, seed, run_budget, score)
+            if name == "maskrcnn" and budget == "maskrcnn":
+                seed_budget = train_s
+            metrics = curve[-1]["metrics"]
             print(
                 f"    segm AP {metrics['segm/AP']:.3f} bbox AP {metrics['bbox/AP']:.3f}, "
-                f"train {train_s:.0f} s, {infer_ms:.0f} ms/img",
+                f"train {train_s:.0f} s, {infer[-1]:.0f} ms/img",
                 flush=True,
             )
             runs.append(
@@ -432,17 +569,24 @@ def main(args: argparse.Namespace) -> None:
                     "seed": seed,
                     "metrics": metrics,
                     "train_s": train_s,
-                    "infer_ms": infer_ms,
+                    "budget_s": run_budget,
+                    "epochs": len(curve),
+                    "infer_ms": infer[-1],
                     "params_m": params,
                     "losses": history,
+                    "curve": curve,
                 }
             )
             if args.save_dir and name in PEP_VARIANTS:
                 save_checkpoint(Path(args.save_dir) / f"{name}-seed{seed}.pt", model, model_cfg)
             if args.out:
-                saved = {"args": vars(args), "maskrcnn_label": label, "runs": runs}
+                saved = {"args": vars(args), "maskrcnn_label": label, "title": title, "runs": runs}
                 Path(args.out).write_text(json.dumps(saved, indent=1))
+            if plot:
+                plot_curves(runs, args.models, plot, title, label)
     print_report(runs, args.models, args.max_dets, label)
+    if plot:
+        print(f"plot: {plot}")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from pep_model.build import (
     CheckpointError,
     build_model,
+    checkpoint_config,
     load_checkpoint,
     read_checkpoint,
     save_checkpoint,
@@ -25,6 +26,7 @@ __all__ = [
     "PEP",
     "CheckpointError",
     "build_model",
+    "checkpoint_config",
     "load_checkpoint",
     "read_checkpoint",
     "save_checkpoint",

@@ -16,7 +16,7 @@ from torch import nn
 from pep_model.backbone import Backbone
 from pep_model.config import Config, ModelConfig, config_from_dict, config_to_dict
 from pep_model.excavating import ObjectExcavating
-from pep_model.mask_learning import MaskFeature
+from pep_model.mask_learning import DynamicMaskHead, LinearMaskHead, MaskFeature
 from pep_model.pep import PEP
 from pep_model.perceiving import SemanticsPerceiving
 from pep_model.purifying import InstancePurifying
@@ -28,10 +28,13 @@ class CheckpointError(RuntimeError):
 
 def build_model(config: ModelConfig) -> PEP:
     """Build PEP from its config; switched-off parts (excavate/purify) are not constructed."""
-    if config.mask_channels != config.descriptor_dim:
+    if config.mask_head not in ("dynamic", "linear"):
+        raise ValueError(f"model.mask_head must be dynamic or linear, got {config.mask_head!r}")
+    if config.mask_head == "linear" and config.mask_channels != config.descriptor_dim:
         raise ValueError(
             f"model.mask_channels ({config.mask_channels}) must equal model.descriptor_dim "
-            f"({config.descriptor_dim}): a descriptor is a 1x1 kernel over the mask feature B"
+            f"({config.descriptor_dim}) with model.mask_head=linear: a descriptor is then a "
+            "1x1 kernel over the mask feature B"
         )
     if config.mask_stride not in (4, 8):
         raise ValueError(f"model.mask_stride must be 4 or 8, got {config.mask_stride}")
@@ -56,6 +59,11 @@ def build_model(config: ModelConfig) -> PEP:
     fused = tuple(s for s in backbone.strides if s <= 32)
     mask_feature = MaskFeature(config.fpn_channels, config.mask_channels, config.mask_stride,
                                fused)
+    mask_head = (
+        DynamicMaskHead(config.descriptor_dim, config.mask_channels, config.mask_head_channels,
+                        config.mask_head_layers)
+        if config.mask_head == "dynamic" else LinearMaskHead()
+    )
     excavating = (
         ObjectExcavating(config.mask_channels, config.descriptor_dim, config.num_classes,
                          config.excavate_channels, config.excavate_local_descriptor)
@@ -64,7 +72,8 @@ def build_model(config: ModelConfig) -> PEP:
     purifying = (
         InstancePurifying(config.descriptor_dim, config.purify_embed_dim) if config.purify else None
     )
-    return PEP(backbone, perceiving, mask_feature, excavating, purifying, config)
+    return PEP(backbone, perceiving, mask_feature, mask_head, excavating, purifying,
+               config)
 
 
 def _as_config(config: Config | ModelConfig) -> Config:
@@ -103,10 +112,19 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return payload
 
 
+def checkpoint_config(values: dict[str, Any]) -> Config:
+    """The `Config` saved in a checkpoint. Checkpoints written before `model.mask_head`
+    existed all had the linear mask head, so a missing key means "linear"."""
+    model = values.get("model")
+    if isinstance(model, dict) and "mask_head" not in model:
+        values = {**values, "model": {**model, "mask_head": "linear"}}
+    return config_from_dict(values)
+
+
 def load_checkpoint(path: str | Path) -> tuple[PEP, Config]:
     """Rebuild the model from a checkpoint's config, load its weights; returns it in eval()."""
     payload = read_checkpoint(path)
-    config = config_from_dict(payload["config"])
+    config = checkpoint_config(payload["config"])
     # the weights come from the checkpoint, not from the backbone's pretrained file
     model = build_model(dataclasses.replace(config.model, pretrained_path=None))
     try:

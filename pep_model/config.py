@@ -36,6 +36,13 @@ class ModelConfig:
     descriptor_dim: int = 256  # C_D: instance descriptor width
     mask_channels: int = 256  # C_B: general (mask) feature width
     mask_stride: int = 4  # stride of the general feature B (4 or 8)
+    # Eq. 6: "dynamic" = each descriptor generates a small 1x1 conv stack over [B projected
+    # to mask_head_channels; coordinates relative to the descriptor] (CondInst); "linear" =
+    # one product of the descriptor with B (needs mask_channels = descriptor_dim), kept only
+    # to reproduce the earlier measurements (BENCHMARKS.md).
+    mask_head: str = "dynamic"
+    mask_head_channels: int = 8  # width of B's projection and of the hidden dynamic convs
+    mask_head_layers: int = 3  # dynamic 1x1 convs (8 wide, 3 layers: 169 numbers/descriptor)
     # Scale-based FPN level assignment (sqrt(area) in input pixels), one range per level P2..P6.
     # FPN levels the perceiving head runs on (2..6 = P2..P6). [3, 4, 5, 6] skips the stride-4
     # map, which carries ~3/4 of the head's pixels (the lean speed setting, see BENCHMARKS.md).
@@ -46,7 +53,7 @@ class ModelConfig:
     )
     center_radius: float = 0.2  # centre region = box shrunk to this fraction around mass centre
     cls_loss: str = "ce"  # ce (paper Eq. 1-2) | focal
-    mask_loss: str = "bce"  # bce (paper Eq. 7) | dice
+    mask_loss: str = "bce"  # bce (paper Eq. 7) | dice | bce_dice
     excavate: bool = True  # Table 2 switch: object excavating (Sec. 3.3)
     purify: bool = True  # Table 2 switch: instance purifying (Sec. 3.4); off -> Matrix NMS
     # Eq. 8 weights: L_P + alpha L_E + beta L_PE + gamma L_graph + delta L_mask

@@ -1,8 +1,12 @@
 """Mask learning (paper Sec. 3.5): the general feature B and masks M_ind = I_ind (x) B (Eq. 6).
 
 B fuses the FPN levels P2..P5 at `mask_stride` (SOLOv2's mask feature branch: per-level
-conv, upsample, sum), adds two coordinate channels and maps to `mask_channels` (= D, so a
-descriptor is a 1x1 dynamic conv kernel over B and all masks are one matrix product).
+conv, upsample, sum) and adds two coordinate channels. "Convolved with B" is read as a
+descriptor-conditioned convolution (CondInst): each descriptor generates the weights of a
+small stack of 1x1 convs that runs on a narrow projection of B concatenated with each
+pixel's coordinates relative to the descriptor (`DynamicMaskHead`, the default). The first
+reading, one 1x1 product of the descriptor with B (`LinearMaskHead`), cannot put a compact
+mask on one of several look-alike neighbours; it is kept to reproduce the old numbers.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pep_model.perceiving import add_coordinates, conv_gn_relu
+from pep_model.perceiving import add_coordinates, cell_centres, conv_gn_relu
 
 
 class MaskFeature(nn.Module):
@@ -19,7 +23,8 @@ class MaskFeature(nn.Module):
 
     Args:
         in_channels: FPN width.
-        channels: mask_channels (output width, equal to the descriptor width).
+        channels: mask_channels (output width; equal to the descriptor width for the
+            linear head).
         mask_stride: output stride (4 or 8).
         level_strides: strides of the fused FPN levels (those <= 32 of P2..P6).
     """
@@ -57,6 +62,126 @@ def mask_logits(descriptors: Tensor, feature: Tensor) -> Tensor:
     """Eq. 6 for one image: N x D descriptors, D x h x w feature -> N x h x w logits."""
     d, h, w = feature.shape
     return (descriptors @ feature.reshape(d, h * w)).view(-1, h, w)
+
+
+def relative_coordinates(
+    locations: Tensor, strides: Tensor, height: int, width: int, feature_stride: int,
+    scale: float,
+) -> Tensor:
+    """Each pixel's offset from each descriptor's location, in units of scale x its level
+    stride: N x 2 pixel (x, y) locations, N strides -> N x 2 x (h * w) (dx, dy)."""
+    xs, ys = cell_centres(height, width, feature_stride, locations.device)
+    norm = (strides * scale)[:, None]  # N x 1
+    dx = (xs.repeat(height)[None, :] - locations[:, :1]) / norm  # N x hw
+    dy = (ys.repeat_interleave(width)[None, :] - locations[:, 1:]) / norm
+    return torch.stack([dx, dy], dim=1)
+
+
+def parse_dynamic_params(
+    params: Tensor, weight_nums: list[int], bias_nums: list[int], channels: list[int]
+) -> tuple[list[Tensor], list[Tensor]]:
+    """Split N x P generated numbers into per-layer weights (N x out x in) and biases
+    (N x out x 1); `channels` = [in, hidden..., 1] of the conv stack."""
+    n = params.shape[0]
+    chunks = torch.split(params, weight_nums + bias_nums, dim=1)
+    layers = len(weight_nums)
+    weights = [
+        chunks[i].reshape(n, channels[i + 1], channels[i]) for i in range(layers)
+    ]
+    biases = [chunks[layers + i].reshape(n, channels[i + 1], 1) for i in range(layers)]
+    return weights, biases
+
+
+class DynamicMaskHead(nn.Module):
+    """Eq. 6 as a descriptor-conditioned conv stack (CondInst's dynamic mask head).
+
+    A linear `controller` turns each descriptor into the weights and biases of
+    `num_layers` 1x1 convs (ReLU between them, `channels` wide, one output). They run on
+    [B projected to `channels`; the pixels' coordinates relative to the descriptor,
+    divided by `relative_scale` x its level stride], all descriptors of an image at once
+    as batched matmuls.
+
+    Args:
+        descriptor_dim: D.
+        feature_channels: C_B, the width of the general feature B.
+        channels: width of the projection of B and of the hidden layers (CondInst: 8).
+        num_layers: 1x1 convs in the stack (CondInst: 3).
+        relative_scale: relative coordinates are in units of this many level strides
+            (about one object of that level).
+    """
+
+    def __init__(
+        self,
+        descriptor_dim: int,
+        feature_channels: int,
+        channels: int = 8,
+        num_layers: int = 3,
+        relative_scale: float = 8.0,
+    ) -> None:
+        super().__init__()
+        if num_layers < 1:
+            raise ValueError(f"model.mask_head_layers must be >= 1, got {num_layers}")
+        self.relative_scale = relative_scale
+        self.channels = [channels + 2] + [channels] * (num_layers - 1) + [1]
+        self.weight_nums = [i * o for i, o in zip(self.channels[:-1], self.channels[1:])]
+        self.bias_nums = list(self.channels[1:])
+        self.project = nn.Conv2d(feature_channels, channels, 1)
+        self.controller = nn.Linear(descriptor_dim, sum(self.weight_nums) + sum(self.bias_nums))
+        nn.init.normal_(self.controller.weight, std=0.01)
+        nn.init.zeros_(self.controller.bias)
+
+    @property
+    def num_params(self) -> int:
+        """Numbers generated per descriptor (169 for 3 layers of 8)."""
+        return sum(self.weight_nums) + sum(self.bias_nums)
+
+    def mask_input(self, general: Tensor) -> Tensor:
+        """B x C_B x h x w -> B x channels x h x w (computed once per batch)."""
+        return self.project(general)
+
+    def forward(
+        self, descriptors: Tensor, locations: Tensor, strides: Tensor, feature: Tensor,
+        feature_stride: int,
+    ) -> Tensor:
+        """Mask logits of one image's descriptors.
+
+        Args:
+            descriptors: N x D; locations: N x 2 pixel (x, y); strides: N level strides.
+            feature: channels x h x w, this image's `mask_input`, at `feature_stride`.
+        Returns:
+            N x h x w logits.
+        """
+        c, h, w = feature.shape
+        n = descriptors.shape[0]
+        if n == 0:
+            return feature.new_zeros((0, h, w))
+        weights, biases = parse_dynamic_params(
+            self.controller(descriptors), self.weight_nums, self.bias_nums, self.channels
+        )
+        rel = relative_coordinates(
+            locations, strides, h, w, feature_stride, self.relative_scale
+        ).to(feature.dtype)  # N x 2 x hw
+        # first layer: the shared feature's part once per weight, the coordinates' per pixel
+        x = weights[0][:, :, :c] @ feature.reshape(c, h * w)  # N x out x hw
+        x = x + weights[0][:, :, c:] @ rel + biases[0]
+        for weight, bias in zip(weights[1:], biases[1:]):
+            x = torch.baddbmm(bias, weight, F.relu(x))  # N x out x hw
+        return x.view(n, h, w)
+
+
+class LinearMaskHead(nn.Module):
+    """Eq. 6 as one 1x1 product of the descriptor with B (needs C_B = D). The degenerate
+    reading, kept (`model.mask_head: linear`) to reproduce the earlier measurements."""
+
+    def mask_input(self, general: Tensor) -> Tensor:
+        return general
+
+    def forward(
+        self, descriptors: Tensor, locations: Tensor, strides: Tensor, feature: Tensor,
+        feature_stride: int,
+    ) -> Tensor:
+        """N x D descriptors, D x h x w B -> N x h x w logits (locations unused)."""
+        return mask_logits(descriptors, feature)
 
 
 def dice_loss(logits: Tensor, targets: Tensor, eps: float = 1.0) -> Tensor:

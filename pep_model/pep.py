@@ -25,7 +25,13 @@ from pep_model.excavating import (
     neighbour_matrix,
     sample_training_keys,
 )
-from pep_model.mask_learning import MaskFeature, downsample_masks, mask_logits, mask_loss
+from pep_model.mask_learning import (
+    DynamicMaskHead,
+    LinearMaskHead,
+    MaskFeature,
+    downsample_masks,
+    mask_loss,
+)
 from pep_model.perceiving import (
     SemanticsPerceiving,
     cell_centres,
@@ -83,6 +89,7 @@ class PEP(nn.Module):
         backbone: ResNet + FPN (P2..P6) exposing `strides` and `size_divisibility`.
         perceiving: semantics perceiving head (P_s, D_s).
         mask_feature: general feature branch B.
+        mask_head: Eq. 6, the descriptor-conditioned mask head over B (dynamic or linear).
         excavating: object excavating subnetwork, or None (Table 2 "excavate" off).
         purifying: instance purifying graph, or None (off: Matrix NMS removes duplicates).
         config: the model config (targets, loss weights, post-processing thresholds).
@@ -96,6 +103,7 @@ class PEP(nn.Module):
         backbone: Backbone,
         perceiving: SemanticsPerceiving,
         mask_feature: MaskFeature,
+        mask_head: DynamicMaskHead | LinearMaskHead,
         excavating: ObjectExcavating | None,
         purifying: InstancePurifying | None,
         config: ModelConfig,
@@ -104,6 +112,7 @@ class PEP(nn.Module):
         self.backbone = backbone
         self.perceiving = perceiving
         self.mask_feature = mask_feature
+        self.mask_head = mask_head
         self.excavating = excavating
         self.purifying = purifying
         self.config = dataclasses.replace(config)
@@ -149,10 +158,19 @@ class PEP(nn.Module):
         features = self.backbone(batch)  # P2..P6
         perceived = [features[level - 2] for level in self.config.perceive_levels]
         cls_maps, desc_maps = self.perceiving(perceived, self.perceive_strides)
-        general = self.mask_feature(features)  # B x D x h x w
+        general = self.mask_feature(features)  # B x C_B x h x w
         if self.training:
             return self.losses(batch, cls_maps, desc_maps, general, targets)
         return self.inference(sizes, cls_maps, desc_maps, general)
+
+    def masks(
+        self, descriptors: Tensor, locations: Tensor, loc_strides: Tensor, mask_input: Tensor
+    ) -> Tensor:
+        """Eq. 6 for one image: N descriptors (at N x 2 locations, N level strides) and the
+        image's `mask_head.mask_input` -> N x h x w mask logits."""
+        return self.mask_head(
+            descriptors, locations, loc_strides, mask_input, self.config.mask_stride
+        )
 
     # ------------------------------------------------------------------ training
     def losses(
@@ -179,6 +197,7 @@ class PEP(nn.Module):
         excavate_feature = (
             self.excavating.shared_feature(general) if self.excavating is not None else None
         )
+        mask_inputs = self.mask_head.mask_input(general)  # B x c x h x w
 
         cls_targets, mask_preds, mask_gts = [], [], []
         num_originals = 0
@@ -243,11 +262,13 @@ class PEP(nn.Module):
             if self.excavating is not None and not cfg.mined_mask_trains_feature:
                 n_ori = descriptors.shape[0] - mined.shape[0]
                 mask_preds.append(torch.cat([  # the mined masks on a detached B
-                    mask_logits(descriptors[:n_ori], general[b]),
-                    mask_logits(descriptors[n_ori:], general[b].detach()),
+                    self.masks(descriptors[:n_ori], locations[:n_ori], loc_strides[:n_ori],
+                               mask_inputs[b]),
+                    self.masks(descriptors[n_ori:], locations[n_ori:], loc_strides[n_ori:],
+                               mask_inputs[b].detach()),
                 ]))
-            else:
-                mask_preds.append(mask_logits(descriptors, general[b]))  # N_all x h x w
+            else:  # N_all x h x w
+                mask_preds.append(self.masks(descriptors, locations, loc_strides, mask_inputs[b]))
             mask_gts.append(gt_small[instance_ids])
 
             if self.purifying is not None:
@@ -313,6 +334,7 @@ class PEP(nn.Module):
         excavate_feature = (
             self.excavating.shared_feature(general) if self.excavating is not None else None
         )
+        mask_inputs = self.mask_head.mask_input(general)
         select = self.selection_threshold()
         results = []
         for b, (height, width) in enumerate(sizes):
@@ -335,7 +357,7 @@ class PEP(nn.Module):
                 scores = torch.cat([scores, mined[3]])
                 labels = torch.cat([labels, mined[4]])
             results.append(self.postprocess(
-                descriptors, locations, loc_strides, scores, labels, general[b], height, width
+                descriptors, locations, loc_strides, scores, labels, mask_inputs[b], height, width
             ))
         return results
 
@@ -399,7 +421,7 @@ class PEP(nn.Module):
         Args:
             descriptors: N_all x D; locations: N_all x 2 pixels; loc_strides: N_all level
                 strides; scores, labels: N_all.
-            feature: the image's general feature B, D x h x w.
+            feature: the image's mask input (`mask_head.mask_input` of B), c x h x w.
             height, width: the image's size (before padding).
         """
         cfg = self.config
@@ -408,7 +430,7 @@ class PEP(nn.Module):
             return _empty_result(height, width, device)
         ms = cfg.mask_stride
         vh, vw = math.ceil(height / ms), math.ceil(width / ms)
-        probs = mask_logits(descriptors, feature)[:, :vh, :vw].sigmoid()  # N x vh x vw
+        probs = self.masks(descriptors, locations, loc_strides, feature)[:, :vh, :vw].sigmoid()
         if self.purifying is not None:
             similarity = self.purifying(descriptors, locations, loc_strides).sigmoid()  # N x N
             groups = group_by_similarity(similarity, scores, cfg.purify_threshold)

@@ -87,7 +87,7 @@ def _payload_model(payload: Mapping[str, Any], config: Config | ModelConfig | No
     """Build the model from a checkpoint payload (or a bare state dict plus `config`)."""
     if "model" in payload and "config" in payload:
         state = payload["model"]
-        full = pep_model.config_from_dict(payload["config"])
+        full = pep_model.checkpoint_config(payload["config"])
         model_cfg = config.model if isinstance(config, Config) else (config or full.model)
     else:
         if config is None:

@@ -177,3 +177,69 @@ def test_save_dir_writes_pep_checkpoints_that_load_and_score_the_same(
     metrics, _ = bench.evaluate_model(model, splits, 100)
     (run,) = json.loads(out.read_text())["runs"]
     assert metrics["segm/AP"] == pytest.approx(run["metrics"]["segm/AP"], abs=1e-9)
+
+
+def test_budget_plans_whole_epochs_and_keeps_the_schedule_shape(bench):
+    assert bench.budget_epochs(100.0, 24.0) == 4
+    assert bench.budget_epochs(100.0, 140.0) == 1  # the epoch already done
+    # tiny.yaml's shape: lr x0.1 after 4 of 5 epochs (0.8) -> after 8 of 10, after 2 of 3
+    assert bench.scaled_milestones([4], 5, 10) == [8]
+    assert bench.scaled_milestones([4], 5, 3) == [2]
+    assert bench.scaled_milestones([3], 4, 1) == [1]
+
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", ["train.warmup_iters=2"])
+    weight = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([weight], lr=1.0)
+    scheduler = bench.build_lr_scheduler(optimizer, cfg, iters_per_epoch=3)
+    for _ in range(3):  # the first epoch, on the config's schedule
+        optimizer.step()
+        scheduler.step()
+    scheduler, planned = bench.replan_schedule(optimizer, cfg, iters=3, epochs=10)
+    assert planned == [8]
+    lrs = []
+    for _ in range(3 * 9):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    # continues at iteration 3 (warm-up done) at the full lr, drops at epoch 8 (iteration 24)
+    assert lrs[0] == pytest.approx(1.0) and lrs[24 - 3 - 1] == pytest.approx(1.0)
+    assert lrs[24 - 3] == pytest.approx(0.1) and lrs[-1] == pytest.approx(0.1)
+
+
+def test_equal_time_gives_mask_rcnns_training_time_to_every_model_and_plots_curves(
+    bench, tiny_shards, tiny_overrides, tmp_path, capsys
+):
+    out = tmp_path / "results.json"
+    argv = ["--data", str(tiny_shards), "--work-dir", str(tmp_path)]
+    argv += ["--models", "baseline", "maskrcnn", "--seeds", "1", "--epochs", "2"]
+    argv += ["--threads", "1", "--budget-s", "maskrcnn", "--out", str(out)]
+    for override in tiny_overrides:
+        argv += ["--set", override]
+    bench.main(bench.get_args_parser().parse_args(argv))
+    printed = capsys.readouterr().out
+    saved = json.loads(out.read_text())
+    mrcnn, baseline = saved["runs"]  # Mask R-CNN first: its time is the budget
+    assert mrcnn["model"] == "maskrcnn" and mrcnn["budget_s"] is None and mrcnn["epochs"] == 2
+    assert baseline["budget_s"] == pytest.approx(mrcnn["train_s"])
+    assert f"budget {mrcnn['train_s']:.0f} s: {baseline['epochs']} epochs" in printed
+    for run in saved["runs"]:  # one evaluation per epoch, training time growing
+        assert [p["epoch"] for p in run["curve"]] == list(range(1, run["epochs"] + 1))
+        times = [p["train_s"] for p in run["curve"]]
+        assert times == sorted(times) and times[-1] == pytest.approx(run["train_s"])
+        assert run["metrics"] == run["curve"][-1]["metrics"]
+        assert len(run["losses"]) == run["epochs"]
+    png = out.with_suffix(".png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    replot = tmp_path / "again.png"
+    bench.main(bench.get_args_parser().parse_args(["--report", str(out), "--plot", str(replot)]))
+    assert replot.stat().st_size > 1000
+
+
+def test_budget_needs_seconds_or_mask_rcnn(bench):
+    with pytest.raises(SystemExit, match="seconds or 'maskrcnn'"):
+        bench.main(bench.get_args_parser().parse_args(["--budget-s", "ten"]))
+    with pytest.raises(SystemExit, match="needs maskrcnn"):
+        bench.main(
+            bench.get_args_parser().parse_args(["--budget-s", "maskrcnn", "--models", "pep"])
+        )

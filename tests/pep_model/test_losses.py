@@ -121,9 +121,12 @@ def test_training_mode_requires_targets(full_model):
         full_model([torch.rand(3, 64, 64)])
 
 
-def test_builder_rejects_mask_channels_different_from_descriptor_dim():
+def test_linear_mask_head_rejects_mask_channels_different_from_descriptor_dim():
     with pytest.raises(ValueError, match="mask_channels"):
-        build_model(tiny_config(mask_channels=16))
+        build_model(tiny_config(mask_head="linear", mask_channels=16))
+    build_model(tiny_config(mask_channels=16))  # the dynamic head projects B to its own width
+    with pytest.raises(ValueError, match="mask_head"):
+        build_model(tiny_config(mask_head="conv"))
 
 
 def test_pretrained_backbone_weights_load_from_a_local_file(tmp_path):

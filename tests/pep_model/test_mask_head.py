@@ -1,0 +1,142 @@
+"""Eq. 6's dynamic mask head: parameter split, agreement with a per-descriptor conv stack,
+relative coordinates, and the one thing the linear head cannot do (two look-alikes)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_config
+
+from pep_model import build_model, load_checkpoint, save_checkpoint
+from pep_model.config import Config, config_to_dict
+from pep_model.mask_learning import (
+    DynamicMaskHead,
+    LinearMaskHead,
+    parse_dynamic_params,
+    relative_coordinates,
+)
+
+
+def test_three_layers_of_eight_take_169_numbers_split_into_weights_and_biases():
+    head = DynamicMaskHead(descriptor_dim=16, feature_channels=32, channels=8, num_layers=3)
+    assert head.channels == [10, 8, 8, 1]
+    assert head.num_params == 10 * 8 + 8 * 8 + 8 * 1 + 8 + 8 + 1 == 169
+    params = torch.arange(2 * 169, dtype=torch.float32).view(2, 169)
+    weights, biases = parse_dynamic_params(params, head.weight_nums, head.bias_nums, head.channels)
+    assert [tuple(w.shape) for w in weights] == [(2, 8, 10), (2, 8, 8), (2, 1, 8)]
+    assert [tuple(b.shape) for b in biases] == [(2, 8, 1), (2, 8, 1), (2, 1, 1)]
+    assert weights[0][1, 0, 0] == 169  # row-major, descriptor by descriptor
+    assert biases[0][0, 0, 0] == 80 + 64 + 8  # biases follow all the weights
+    assert biases[2][1, 0, 0] == 169 + 168
+
+
+def test_relative_coordinates_are_zero_at_the_descriptor_and_scale_with_its_stride():
+    locations = torch.tensor([[10.0, 6.0], [10.0, 6.0]])  # the centre of cell (1, 2) at stride 4
+    rel = relative_coordinates(locations, torch.tensor([8.0, 16.0]), 4, 5, 4, scale=8.0)
+    assert rel.shape == (2, 2, 20)
+    assert torch.allclose(rel[:, :, 1 * 5 + 2], torch.zeros(2, 2))
+    # one cell to the right: 4 px / (8 x stride)
+    assert rel[0, 0, 1 * 5 + 3] == pytest.approx(4 / 64)
+    assert rel[1, 0, 1 * 5 + 3] == pytest.approx(4 / 128)
+    assert rel[0, 1, 2 * 5 + 2] == pytest.approx(4 / 64)  # one cell down
+
+
+def test_dynamic_head_equals_each_descriptors_own_conv_stack():
+    torch.manual_seed(0)
+    head = DynamicMaskHead(descriptor_dim=12, feature_channels=6, channels=4, num_layers=3)
+    torch.nn.init.normal_(head.controller.weight, std=0.5)  # far from the near-zero start
+    descriptors = torch.randn(3, 12)
+    locations = torch.tensor([[2.0, 2.0], [14.0, 6.0], [30.0, 18.0]])
+    strides = torch.tensor([4.0, 8.0, 16.0])
+    feature = head.mask_input(torch.randn(1, 6, 6, 9))[0]  # 4 x 6 x 9
+    got = head(descriptors, locations, strides, feature, 4)
+    assert got.shape == (3, 6, 9)
+    weights, biases = parse_dynamic_params(
+        head.controller(descriptors), head.weight_nums, head.bias_nums, head.channels
+    )
+    rel = relative_coordinates(locations, strides, 6, 9, 4, head.relative_scale).view(3, 2, 6, 9)
+    for i in range(3):
+        x = torch.cat([feature, rel[i]])[None]  # 1 x 6 x 6 x 9
+        for layer, (w, b) in enumerate(zip(weights, biases)):
+            x = F.conv2d(x, w[i][:, :, None, None], b[i][:, 0])
+            if layer < len(weights) - 1:
+                x = F.relu(x)
+        assert torch.allclose(got[i], x[0, 0], atol=1e-5)
+    assert head(descriptors[:0], locations[:0], strides[:0], feature, 4).shape == (0, 6, 9)
+
+
+def _fit(head, feature, descriptors, locations, targets, steps=300):
+    """Fit the head and the feature B itself (any B, learned) to the targets: mask IoUs."""
+    feature = torch.nn.Parameter(feature.clone())
+    optimizer = torch.optim.Adam([feature, *head.parameters()], lr=0.01)
+    strides = torch.full((descriptors.shape[0],), 4.0)
+    for _ in range(steps):
+        logits = head(descriptors, locations, strides, head.mask_input(feature)[0], 4)
+        loss = F.binary_cross_entropy_with_logits(logits, targets)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        logits = head(descriptors, locations, strides, head.mask_input(feature)[0], 4)
+    inter = ((logits > 0) & (targets > 0.5)).flatten(1).sum(1)
+    union = ((logits > 0) | (targets > 0.5)).flatten(1).sum(1)
+    return inter / union
+
+
+def test_only_the_dynamic_head_separates_two_look_alike_objects():
+    """Two identical squares, one descriptor each, the descriptors equal: their masks can
+    differ only through the descriptors' locations, which the linear head never sees."""
+    torch.manual_seed(0)
+    h = w = 16  # a 64-px image at stride 4
+    targets = torch.zeros(2, h, w)
+    targets[0, 3:7, 2:6] = 1
+    targets[1, 9:13, 10:14] = 1
+    feature = (targets.sum(0) > 0).float()[None, None].repeat(1, 8, 1, 1)  # B: "object here"
+    descriptors = torch.ones(2, 8)
+    locations = torch.tensor([[16.0, 20.0], [48.0, 44.0]])  # the squares' centres in pixels
+    dynamic = _fit(DynamicMaskHead(8, 8, channels=8, num_layers=3), feature, descriptors,
+                   locations, targets)
+    linear = _fit(LinearMaskHead(), feature, descriptors, locations, targets)
+    assert dynamic.min() > 0.9
+    assert linear.max() < 0.6  # equal masks: at best both squares, IoU 0.5 with each
+
+
+def test_checkpoints_without_mask_head_load_as_the_linear_head(tmp_path):
+    """Checkpoints written before `model.mask_head` existed hold linear-head weights."""
+    config = Config(model=tiny_config(mask_head="linear"))
+    old = build_model(config.model)
+    path = tmp_path / "old.pt"
+    save_checkpoint(path, old, config)
+    payload = torch.load(path, weights_only=True)
+    del payload["config"]["model"]["mask_head"]
+    torch.save(payload, path)
+    model, loaded = load_checkpoint(path)
+    assert loaded.model.mask_head == "linear"
+    assert isinstance(model.mask_head, LinearMaskHead)
+    assert config_to_dict(loaded) == config_to_dict(config)
+
+
+def test_the_default_model_uses_the_dynamic_head_for_every_descriptor(crowded_batch):
+    images, targets = crowded_batch
+    torch.manual_seed(0)
+    model = build_model(tiny_config()).train()  # excavate + purify on: mined masks too
+    assert isinstance(model.mask_head, DynamicMaskHead)
+    calls = []
+    forward = model.mask_head.forward
+
+    def spy(descriptors, locations, strides, feature, stride):
+        calls.append(descriptors.shape[0])
+        return forward(descriptors, locations, strides, feature, stride)
+
+    model.mask_head.forward = spy
+    losses = model(images, targets)
+    assert len(calls) == len(images) and all(n > 0 for n in calls)
+    losses["loss_mask"].backward()
+    assert model.mask_head.controller.weight.grad.abs().sum() > 0
+    assert model.mask_head.project.weight.grad.abs().sum() > 0
+    model.eval()
+    calls.clear()
+    model.set_inference_params(score_threshold=0.0, candidate_threshold=0.0)
+    model(images)
+    assert len(calls) == len(images)
