@@ -297,6 +297,7 @@ def train(
     seed: int,
     budget_s: float | None = None,
     evaluate=None,
+    ap_key: str = "segm/AP",
 ) -> tuple[float, list, list]:
     """Train for the config's epochs, or for as many as fit in `budget_s`.
 
@@ -340,7 +341,7 @@ def train(
         if evaluate is not None:
             scores = evaluate(model)
             curve.append({"epoch": epoch + 1, "train_s": train_s, "metrics": scores})
-            line += f", segm AP {scores['segm/AP']:.3f}"
+            line += f", {ap_key} {scores[ap_key]:.3f}"
         print(line, flush=True)
         epoch += 1
     return train_s, history, curve
@@ -450,12 +451,18 @@ def merge_saved(paths: list[str]) -> dict:
     return merged
 
 
+def ap_key(max_dets: int) -> str:
+    """The segm AP column at the run's detection limit (COCOeval's own at 100)."""
+    return "segm/AP" if max_dets == 100 else f"segm/AP@{max_dets}"
+
+
 def plot_curves(
     runs: list[dict],
     models: list[str],
     path: str | Path,
     title: str,
     maskrcnn_label: str = "Mask R-CNN",
+    max_dets: int = 100,
 ) -> None:
     """segm AP (at the run's maxDets) against training time, one line per (model, seed)."""
     import matplotlib
@@ -469,18 +476,18 @@ def plot_curves(
         label = PEP_VARIANTS[name][0] if name in PEP_VARIANTS else maskrcnn_label
         for i, run in enumerate(r for r in runs if r["model"] == name and r.get("curve")):
             xs = [point["train_s"] / 60 for point in run["curve"]]
-            ys = [point["metrics"]["segm/AP"] for point in run["curve"]]
+            ys = [point["metrics"][ap_key(max_dets)] for point in run["curve"]]
             ax.plot(
                 xs,
                 ys,
                 marker="o",
                 markersize=3,
                 color=colours[name],
-                linestyle=["-", "--", ":", "-."][run["seed"] % 4],
+                linestyle=["-", "--", ":", "-."][i % 4],
                 label=f"{label}, seed {run['seed']}" if i < 4 else None,
             )
     ax.set_xlabel("training time (min, this CPU)")
-    ax.set_ylabel("val segm AP")
+    ax.set_ylabel(f"val {ap_key(max_dets)}")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -496,7 +503,14 @@ def main(args: argparse.Namespace) -> None:
         label = saved.get("maskrcnn_label", "Mask R-CNN")
         print_report(saved["runs"], models, saved["args"]["max_dets"], label)
         if args.plot:
-            plot_curves(saved["runs"], models, args.plot, saved.get("title", ""), label)
+            plot_curves(
+                saved["runs"],
+                models,
+                args.plot,
+                saved.get("title", ""),
+                label,
+                saved["args"]["max_dets"],
+            )
             print(f"plot: {args.plot}")
         return
     budget = args.budget_s
@@ -513,11 +527,12 @@ def main(args: argparse.Namespace) -> None:
     splits = experiment.resolve_data(args.data, cfg, args.work_dir)  # starts Ray only to prepare
     cfg.model.num_classes = splits.categories.num_classes
     rows = read_rows(splits.train_shards, args.train_images)
-    mode = (
-        f"{cfg.train.epochs} epochs"
-        if budget is None
-        else f"equal time: {budget if budget == 'maskrcnn' else f'{budget:.0f} s'} per model"
-    )
+    if budget is None:
+        mode = f"{cfg.train.epochs} epochs"
+    elif budget == "maskrcnn":
+        mode = f"equal time (Mask R-CNN's {cfg.train.epochs}-epoch training time)"
+    else:
+        mode = f"equal time ({budget:.0f} s)"
     print(
         f"torch {torch.__version__}, {platform.machine()}, {args.threads} threads; data "
         f"{splits.source}: {rows.num_rows} train images, val {splits.val_shards}; "
@@ -528,7 +543,7 @@ def main(args: argparse.Namespace) -> None:
     )
     width = cfg.model.fpn_channels if args.maskrcnn_width == "matched" else 256
     label = f"Mask R-CNN (torchvision, {width}-wide)"
-    title = f"{splits.source}: {rows.num_rows} train images, {mode}"
+    title = f"{Path(str(splits.source)).name}: {rows.num_rows} train images, {mode}"
     # with the budget taken from Mask R-CNN, it trains first in every seed
     order = (
         sorted(args.models, key=lambda m: m != "maskrcnn") if budget == "maskrcnn" else args.models
@@ -554,12 +569,15 @@ def main(args: argparse.Namespace) -> None:
                 return metrics
 
             run_budget = None if name == "maskrcnn" and budget == "maskrcnn" else seed_budget
-            train_s, history, curve = train(model, rows, model_cfg, seed, run_budget, score)
+            train_s, history, curve = train(
+                model, rows, model_cfg, seed, run_budget, score, ap_key(args.max_dets)
+            )
             if name == "maskrcnn" and budget == "maskrcnn":
                 seed_budget = train_s
             metrics = curve[-1]["metrics"]
             print(
-                f"    segm AP {metrics['segm/AP']:.3f} bbox AP {metrics['bbox/AP']:.3f}, "
+                f"    {ap_key(args.max_dets)} {metrics[ap_key(args.max_dets)]:.3f} "
+                f"(segm AP {metrics['segm/AP']:.3f}, bbox AP {metrics['bbox/AP']:.3f}), "
                 f"train {train_s:.0f} s, {infer[-1]:.0f} ms/img",
                 flush=True,
             )
@@ -583,7 +601,7 @@ def main(args: argparse.Namespace) -> None:
                 saved = {"args": vars(args), "maskrcnn_label": label, "title": title, "runs": runs}
                 Path(args.out).write_text(json.dumps(saved, indent=1))
             if plot:
-                plot_curves(runs, args.models, plot, title, label)
+                plot_curves(runs, args.models, plot, title, label, args.max_dets)
     print_report(runs, args.models, args.max_dets, label)
     if plot:
         print(f"plot: {plot}")

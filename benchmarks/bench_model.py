@@ -5,7 +5,8 @@
 
 PEP rows: the paper's widths (256) with and without excavating/purifying, and the lean speed
 setting (perceiving on P3..P6 instead of P2..P6, the mask feature B at stride 8), also with
-128-wide perceiving towers.
+128-wide perceiving towers. Every row has the default dynamic mask head except
+"lean128-linear" (`model.mask_head=linear`, the earlier reading of Eq. 6), which prices it.
 
 One batch of `--batch` random `--size` x `--size` images with 8 random rectangles each
 (80 classes). Measured, median over `--iters` after one warm-up:
@@ -97,6 +98,10 @@ VARIANTS = {
     "baseline": ("PEP Baseline (no E/P)", dict(excavate=False, purify=False)),
     "lean": ("PEP lean (P3-P6, B stride 8)", LEAN),
     "lean128": ("PEP lean, heads 128 wide", dict(LEAN, head_channels=128)),
+    "lean128-linear": (
+        "PEP lean, heads 128 wide, linear mask head",
+        dict(LEAN, head_channels=128, mask_head="linear"),
+    ),
 }
 
 

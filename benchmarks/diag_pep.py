@@ -211,11 +211,11 @@ def mask_loss_split(model: PEP, batches) -> dict[str, float]:
     counts: list[int] = []  # descriptors per image in the mask loss (N_all = N_ori + K)
     mined: list[int] = []  # K mined descriptors per image
     per_descriptor: list[Tensor] = []
-    mask_logits, mine = pep_model.pep.mask_logits, model.excavating.mine
+    masks, mine = model.masks, model.excavating.mine
 
-    def count_all(descriptors, feature):
+    def count_all(descriptors, *args):
         counts.append(descriptors.shape[0])
-        return mask_logits(descriptors, feature)
+        return masks(descriptors, *args)
 
     def count_mined(*args):
         out = mine(*args)
@@ -229,13 +229,13 @@ def mask_loss_split(model: PEP, batches) -> dict[str, float]:
 
     original, mined_losses = [], []
     model.train()
-    # one mask_logits call per image with all N_all descriptors (the split below relies on it);
+    # one masks call per image with all N_all descriptors (the split below relies on it);
     # the losses' values do not depend on where B's gradient stops
     config = model.config
     model.config = dataclasses.replace(config, mined_mask_trains_feature=True)
     try:
         with (
-            mock.patch.object(pep_model.pep, "mask_logits", count_all),
+            mock.patch.object(model, "masks", count_all),
             mock.patch.object(pep_model.pep, "mask_loss", per_descriptor_loss),
             mock.patch.object(model.excavating, "mine", count_mined),
             torch.no_grad(),

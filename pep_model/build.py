@@ -38,6 +38,11 @@ def build_model(config: ModelConfig) -> PEP:
         )
     if config.mask_stride not in (4, 8):
         raise ValueError(f"model.mask_stride must be 4 or 8, got {config.mask_stride}")
+    if config.mask_upsample not in (1, 2, 4) or config.mask_upsample > config.mask_stride:
+        raise ValueError(
+            f"model.mask_upsample must be 1, 2 or 4 (at most mask_stride), got "
+            f"{config.mask_upsample}"
+        )
     backbone = Backbone(
         config.backbone, config.fpn_channels, config.norm, config.trainable_layers,
         config.pretrained_path,

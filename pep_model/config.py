@@ -43,6 +43,9 @@ class ModelConfig:
     mask_head: str = "dynamic"
     mask_head_channels: int = 8  # width of B's projection and of the hidden dynamic convs
     mask_head_layers: int = 3  # dynamic 1x1 convs (8 wide, 3 layers: 169 numbers/descriptor)
+    # Mask logits are upsampled (bilinear) by this factor before the loss and decoding, so
+    # masks are predicted at mask_stride / mask_upsample (CondInst: 2). 1 = at B's stride.
+    mask_upsample: int = 1
     # Scale-based FPN level assignment (sqrt(area) in input pixels), one range per level P2..P6.
     # FPN levels the perceiving head runs on (2..6 = P2..P6). [3, 4, 5, 6] skips the stride-4
     # map, which carries ~3/4 of the head's pixels (the lean speed setting, see BENCHMARKS.md).

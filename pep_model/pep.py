@@ -163,14 +163,28 @@ class PEP(nn.Module):
             return self.losses(batch, cls_maps, desc_maps, general, targets)
         return self.inference(sizes, cls_maps, desc_maps, general)
 
+    @property
+    def mask_output_stride(self) -> int:
+        """Stride of the predicted masks: B's, or finer when `mask_upsample` > 1."""
+        return self.config.mask_stride // self.config.mask_upsample
+
     def masks(
         self, descriptors: Tensor, locations: Tensor, loc_strides: Tensor, mask_input: Tensor
     ) -> Tensor:
         """Eq. 6 for one image: N descriptors (at N x 2 locations, N level strides) and the
-        image's `mask_head.mask_input` -> N x h x w mask logits."""
-        return self.mask_head(
+        image's `mask_head.mask_input` -> N x h x w mask logits at `mask_output_stride`
+        (B's h x w times `mask_upsample`, bilinear on the logits as CondInst does)."""
+        logits = self.mask_head(
             descriptors, locations, loc_strides, mask_input, self.config.mask_stride
         )
+        up = self.config.mask_upsample
+        if up > 1 and logits.shape[0] > 0:
+            logits = F.interpolate(
+                logits[:, None], scale_factor=up, mode="bilinear", align_corners=False
+            )[:, 0]
+        elif up > 1:
+            logits = logits.new_zeros((0, logits.shape[1] * up, logits.shape[2] * up))
+        return logits
 
     # ------------------------------------------------------------------ training
     def losses(
@@ -230,7 +244,7 @@ class PEP(nn.Module):
             loc_strides = cell_strides[pos]  # N_ori
             instance_ids = ids_t[pos]  # N_ori
             num_originals += pos.numel()
-            gt_small = downsample_masks(padded, ms)  # M x h x w
+            gt_small = downsample_masks(padded, self.mask_output_stride)  # M x h' x w'
 
             if self.excavating is not None:
                 centres = mass_centres(padded)
@@ -428,7 +442,7 @@ class PEP(nn.Module):
         device = feature.device
         if descriptors.shape[0] == 0:
             return _empty_result(height, width, device)
-        ms = cfg.mask_stride
+        ms = self.mask_output_stride
         vh, vw = math.ceil(height / ms), math.ceil(width / ms)
         probs = self.masks(descriptors, locations, loc_strides, feature)[:, :vh, :vw].sigmoid()
         if self.purifying is not None:

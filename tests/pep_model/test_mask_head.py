@@ -140,3 +140,27 @@ def test_the_default_model_uses_the_dynamic_head_for_every_descriptor(crowded_ba
     model.set_inference_params(score_threshold=0.0, candidate_threshold=0.0)
     model(images)
     assert len(calls) == len(images)
+
+
+def test_upsampled_masks_are_trained_and_decoded_at_the_finer_stride(crowded_batch):
+    images, targets = crowded_batch
+    torch.manual_seed(0)
+    model = build_model(tiny_config(excavate=False, purify=False, mask_upsample=2))
+    assert model.mask_output_stride == 2
+    feature = torch.randn(1, 32, 24, 24)
+    mask_input = model.mask_head.mask_input(feature)[0]
+    logits = model.masks(torch.randn(3, 32), torch.rand(3, 2) * 96, torch.full((3,), 4.0),
+                         mask_input)
+    assert logits.shape == (3, 48, 48)  # B at stride 4 (24 x 24) -> stride 2
+    assert model.masks(torch.randn(0, 32), torch.rand(0, 2), torch.ones(0), mask_input).shape == (
+        0, 48, 48,
+    )
+    losses = model.train()(images, targets)
+    assert torch.isfinite(losses["loss_mask"])
+    model.eval().set_inference_params(score_threshold=0.0, candidate_threshold=0.0)
+    with torch.no_grad():
+        outputs = model(images)
+    for image, out in zip(images, outputs):
+        assert out["masks"].shape[1:] == image.shape[1:]
+    with pytest.raises(ValueError, match="mask_upsample"):
+        build_model(tiny_config(mask_upsample=3))
