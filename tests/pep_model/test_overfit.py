@@ -25,7 +25,7 @@ from pep_model import ModelConfig, build_model
 
 NUM_IMAGES = 4
 IMAGE_SIZE = 192
-STEPS = 120
+STEPS = 150
 
 
 def overfit_config(excavate: bool, purify: bool) -> ModelConfig:
