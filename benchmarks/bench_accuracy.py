@@ -383,7 +383,10 @@ def table(
 ) -> str:
     # every AP column at the raised detection limit when there is one (not only AP itself)
     suffix = "" if max_dets == 100 else f"@{max_dets}"
-    head = ["model", "seeds", *(c + suffix for c in COLUMNS), "train s", "infer ms/img", "params M"]
+    head = [
+        "model", "seeds", *(c + suffix for c in COLUMNS), "epochs", "train s", "infer ms/img",
+        "params M",
+    ]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name in models:
         mine = [r for r in runs if r["model"] == name]
@@ -391,6 +394,8 @@ def table(
         cells = [label, ",".join(str(r["seed"]) for r in mine)]
         for key in COLUMNS:
             cells.append(summarise([r["metrics"].get(key + suffix, float("nan")) for r in mine]))
+        epochs = sorted({r["epochs"] for r in mine if "epochs" in r})
+        cells.append("/".join(str(e) for e in epochs) or "-")
         cells.append(summarise([r["train_s"] for r in mine], digits=0))
         cells.append(summarise([r["infer_ms"] for r in mine], digits=0))
         cells.append(f"{mine[0]['params_m']:.1f}" if mine else "-")
