@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import sigmoid_focal_loss
 
-from pep_model.perceiving import COORD_SCALE, cell_centres, conv_gn_relu
+from pep_model.perceiving import COORD_SCALE, conv_gn_relu, relative_coordinates
 
 # Relative coordinates are divided by RELATIVE_SCALE x (the descriptor's level stride):
 # about one object size of that level (scale ranges are ~4-12 strides).
@@ -211,12 +211,9 @@ class ObjectExcavating(nn.Module):
         params = self.heat_params(descriptors.detach())  # N x (c + 5 + 1)
         w_feat, w_coord, bias = params[:, :c], params[:, c:-1], params[:, -1:]
         heat = w_feat @ feature.reshape(c, h * w)  # N x hw
-        xs, ys = cell_centres(h, w, feature_stride, feature.device)
-        norm = (strides * RELATIVE_SCALE)[:, None]  # N x 1
         # bounded basis: neighbours lie within ~2 object sizes; keeps the squares small
-        dx = ((xs.repeat(h)[None, :] - positions[:, :1]) / norm).clamp(-MAX_OFFSET, MAX_OFFSET)
-        dy = ((ys.repeat_interleave(w)[None, :] - positions[:, 1:]) / norm).clamp(
-            -MAX_OFFSET, MAX_OFFSET)  # N x hw
+        rel = relative_coordinates(positions, strides, h, w, feature_stride, RELATIVE_SCALE)
+        dx, dy = rel.clamp(-MAX_OFFSET, MAX_OFFSET).unbind(1)  # N x hw each
         heat = heat + bias + w_coord[:, :1] * dx + w_coord[:, 1:2] * dy
         heat = heat + w_coord[:, 2:3] * dx * dx + w_coord[:, 3:4] * dy * dy
         heat = heat + w_coord[:, 4:5] * dx * dy

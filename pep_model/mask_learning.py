@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pep_model.perceiving import add_coordinates, cell_centres, conv_gn_relu
+from pep_model.perceiving import add_coordinates, conv_gn_relu, relative_coordinates
 
 
 class MaskFeature(nn.Module):
@@ -62,19 +62,6 @@ def mask_logits(descriptors: Tensor, feature: Tensor) -> Tensor:
     """Eq. 6 for one image: N x D descriptors, D x h x w feature -> N x h x w logits."""
     d, h, w = feature.shape
     return (descriptors @ feature.reshape(d, h * w)).view(-1, h, w)
-
-
-def relative_coordinates(
-    locations: Tensor, strides: Tensor, height: int, width: int, feature_stride: int,
-    scale: float,
-) -> Tensor:
-    """Each pixel's offset from each descriptor's location, in units of scale x its level
-    stride: N x 2 pixel (x, y) locations, N strides -> N x 2 x (h * w) (dx, dy)."""
-    xs, ys = cell_centres(height, width, feature_stride, locations.device)
-    norm = (strides * scale)[:, None]  # N x 1
-    dx = (xs.repeat(height)[None, :] - locations[:, :1]) / norm  # N x hw
-    dy = (ys.repeat_interleave(width)[None, :] - locations[:, 1:]) / norm
-    return torch.stack([dx, dy], dim=1)
 
 
 def parse_dynamic_params(
@@ -133,7 +120,7 @@ class DynamicMaskHead(nn.Module):
     @property
     def num_params(self) -> int:
         """Numbers generated per descriptor (169 for 3 layers of 8)."""
-        return sum(self.weight_nums) + sum(self.bias_nums)
+        return self.controller.out_features
 
     def mask_input(self, general: Tensor) -> Tensor:
         """B x C_B x h x w -> B x channels x h x w (computed once per batch)."""

@@ -40,6 +40,19 @@ def add_coordinates(feature: Tensor, stride: int) -> Tensor:
     return torch.cat([feature, coords.unsqueeze(0).expand(b, -1, -1, -1)], dim=1)
 
 
+def relative_coordinates(
+    locations: Tensor, strides: Tensor, height: int, width: int, feature_stride: int,
+    scale: float,
+) -> Tensor:
+    """Each pixel's offset from each descriptor's location, in units of scale x its level
+    stride: N x 2 pixel (x, y) locations, N strides -> N x 2 x (h * w) (dx, dy)."""
+    xs, ys = cell_centres(height, width, feature_stride, locations.device)
+    norm = (strides * scale)[:, None]  # N x 1
+    dx = (xs.repeat(height)[None, :] - locations[:, :1]) / norm  # N x hw
+    dy = (ys.repeat_interleave(width)[None, :] - locations[:, 1:]) / norm
+    return torch.stack([dx, dy], dim=1)
+
+
 def mass_centres(masks: Tensor) -> Tensor:
     """Mask centres of mass in pixels: N x H x W -> N x 2 (x, y); empty masks give (-1, -1)."""
     n, h, w = masks.shape

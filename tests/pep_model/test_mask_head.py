@@ -14,8 +14,8 @@ from pep_model.mask_learning import (
     DynamicMaskHead,
     LinearMaskHead,
     parse_dynamic_params,
-    relative_coordinates,
 )
+from pep_model.perceiving import relative_coordinates
 
 
 def test_three_layers_of_eight_take_169_numbers_split_into_weights_and_biases():
