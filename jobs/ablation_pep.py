@@ -16,36 +16,22 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 
-from pep_model import ConfigError, load_config
-from pipeline import ablation, experiment
-from pipeline.train import RunExistsError
-
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "ablation_tiny.yaml"
+from pipeline import cli
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], add_help=True)
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config file")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value for all variants, e.g. --set train.epochs=4 (repeatable)",
+    cli.add_config_flags(
+        parser,
+        cli.project_config("ablation_tiny.yaml"),
+        set_help="override a config value for all variants, e.g. --set train.epochs=4 (repeatable)",
     )
     parser.add_argument(
         "--seeds", type=int, nargs="+", default=[0], help="train.seed values, one run each"
     )
-    parser.add_argument(
-        "--data",
-        default=None,
-        help="shards root (train/, val/) or a COCO folder; default: generated crowded scenes",
-    )
+    cli.add_data_flag(parser)
     parser.add_argument("--num-workers", type=int, default=None, help="Ray Train workers per run")
-    parser.add_argument("--use-gpu", choices=["auto", "true", "false"], default=None)
     parser.add_argument(
         "--max-parallel",
         type=int,
@@ -54,16 +40,9 @@ def get_args_parser() -> argparse.ArgumentParser:
         "Ray started by the job holds one run per --num-workers cores, e.g. 2 on 2 cores)",
     )
     parser.add_argument(
-        "--storage-path",
-        default=None,
-        help="where runs and checkpoints go (default ./work/runs; shared storage on clusters)",
-    )
-    parser.add_argument(
         "--name", default=None, help="ablation name; runs are <name>-<variant>-s<seed>"
     )
-    parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI")
-    parser.add_argument("--experiment", default="pep-ablation", help="MLflow experiment name")
-    parser.add_argument("--work-dir", default="work", help="local folder for data/shards/stores")
+    cli.add_run_flags(parser, experiment="pep-ablation")
     parser.add_argument(
         "--log-models", action="store_true", help="also log each run's model to MLflow"
     )
@@ -74,6 +53,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
+    from pep_model import ConfigError, load_config
+    from pipeline import ablation, experiment
+    from pipeline.train import RunExistsError
+
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         ablation.check_overrides(args.overrides)

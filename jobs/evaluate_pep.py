@@ -22,20 +22,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python jobs/x.py`
 
-import ray  # noqa: E402
-
-from pep_model import CheckpointError, read_checkpoint  # noqa: E402
-from pipeline.coco import CocoError  # noqa: E402
-from pipeline.evaluate import (  # noqa: E402
-    EvaluationError,
-    format_ap_table,
-    format_threshold_table,
-    scalar_metrics,
-)
-from pipeline.inference import InferenceError, evaluate_checkpoint  # noqa: E402
-from pipeline.predict import resolve_model_source  # noqa: E402
-from pipeline.prepare import PrepareConfig, PrepareError, prepare  # noqa: E402
-
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], add_help=add_help)
@@ -102,12 +88,18 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 def resolve_checkpoint(value: str, tracking_uri: str | None = None) -> Path:
     """The local checkpoint file for `--checkpoint`: a file, a Ray Train checkpoint directory,
     or an MLflow model URI (`models:/name@alias`, `runs:/<id>/model`), downloaded."""
+    from pipeline.predict import resolve_model_source
+
     checkpoint, _ = resolve_model_source(value, tracking_uri)
     return checkpoint
 
 
 def resolve_shards(args: argparse.Namespace, checkpoint: Path) -> Path:
     """`--data` as a shards folder; a COCO JSON is prepared at the checkpoint's max_size."""
+    from pep_model import read_checkpoint
+    from pipeline.inference import InferenceError
+    from pipeline.prepare import PrepareConfig, prepare
+
     data = Path(args.data)
     if data.is_dir():
         return data
@@ -126,6 +118,11 @@ def resolve_shards(args: argparse.Namespace, checkpoint: Path) -> Path:
 
 
 def main(args: argparse.Namespace) -> tuple[dict, dict]:
+    import ray
+
+    from pipeline.evaluate import format_ap_table, format_threshold_table, scalar_metrics
+    from pipeline.inference import evaluate_checkpoint
+
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if not ray.is_initialized():
         ray.init()  # joins RAY_ADDRESS when set, else starts a local instance
@@ -171,9 +168,16 @@ def main(args: argparse.Namespace) -> tuple[dict, dict]:
     return metrics, per_threshold
 
 
-if __name__ == "__main__":
+def run(args: argparse.Namespace) -> int:
+    """`main` with unusable input reported as one line and exit status 2."""
+    from pep_model import CheckpointError
+    from pipeline.coco import CocoError
+    from pipeline.evaluate import EvaluationError
+    from pipeline.inference import InferenceError
+    from pipeline.prepare import PrepareError
+
     try:
-        main(get_args_parser().parse_args())
+        main(args)
     except (
         CheckpointError,
         CocoError,
@@ -183,4 +187,9 @@ if __name__ == "__main__":
         ValueError,
     ) as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run(get_args_parser().parse_args()))

@@ -13,8 +13,6 @@ import logging
 import time
 from typing import Any
 
-from pipeline.synth import make_dataset
-
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], add_help=add_help)
@@ -29,6 +27,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
+    from pipeline.synth import make_dataset
+
     start = time.perf_counter()
     summary = make_dataset(
         args.out,

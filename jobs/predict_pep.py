@@ -23,10 +23,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python jobs/x.py`
 
-from pep_model import CheckpointError  # noqa: E402
-from pipeline.inference import InferenceError  # noqa: E402
-from pipeline.predict import predict_images, read_category_file, resolve_model_source  # noqa: E402
-
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], add_help=add_help)
@@ -58,6 +54,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
+    from pep_model import CheckpointError
+    from pipeline.inference import InferenceError
+    from pipeline.predict import predict_images, read_category_file, resolve_model_source
+
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     with tempfile.TemporaryDirectory(prefix="pep-model-") as download_dir:
         try:

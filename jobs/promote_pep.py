@@ -30,9 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python jobs/x.py`
 
-from mlflow.exceptions import MlflowException  # noqa: E402
-
-from pipeline import registry, tracking  # noqa: E402
+from pipeline import cli  # noqa: E402
 
 EXIT_OK = 0
 EXIT_BAD_INPUT = 2
@@ -47,7 +45,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "--experiment",
         default=None,
         help="promote the best run of this MLflow experiment (default without --run-id: "
-        f"{tracking.DEFAULT_EXPERIMENT!r}, where jobs/train_pep.py logs)",
+        f"{cli.DEFAULT_EXPERIMENT!r}, where jobs/train_pep.py logs)",
     )
     parser.add_argument(
         "--parent-run-id",
@@ -56,7 +54,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--metric",
-        default=registry.DEFAULT_METRIC,
+        default=cli.DEFAULT_METRIC,
         help="run metric to compare, as in the AP table (default: %(default)s)",
     )
     parser.add_argument(
@@ -67,7 +65,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--model-name",
-        default=registry.DEFAULT_MODEL_NAME,
+        default=cli.DEFAULT_MODEL_NAME,
         help="registered model name (default: %(default)s)",
     )
     parser.add_argument(
@@ -81,12 +79,16 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
+    from mlflow.exceptions import MlflowException
+
+    from pipeline import registry, tracking
+
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.parent_run_id and not args.experiment:
         print("error: --parent-run-id needs --experiment", file=sys.stderr)
         return EXIT_BAD_INPUT
     if args.run_id is None and args.experiment is None:
-        args.experiment = tracking.DEFAULT_EXPERIMENT  # the best run of the default training
+        args.experiment = cli.DEFAULT_EXPERIMENT  # the best run of the default training
     uri = tracking.resolve_tracking_uri(args.tracking_uri, default_dir=args.work_dir)
     try:
         decision = registry.promote(

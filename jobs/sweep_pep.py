@@ -14,13 +14,10 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 
-from pep_model import ConfigError, load_config
-from pipeline import experiment, sweep
+from pipeline import cli
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = ROOT / "configs" / "tiny.yaml"
+DEFAULT_CONFIG = cli.project_config("tiny.yaml")
 # The no-argument demo: configs/tiny.yaml on fewer, smaller images and fewer epochs, so that
 # 5 trials (ASHA stops the weak ones early) fit in about 15 minutes on 2 CPU cores.
 DEMO_OVERRIDES = [
@@ -45,9 +42,9 @@ def _range(text: str) -> tuple[str, tuple[float, float]]:
         raise argparse.ArgumentTypeError(
             f"--range {text!r}: expected NAME=LOW:HIGH, e.g. alpha=0.25:4"
         ) from None
-    if name not in sweep.WEIGHTS:
+    if name not in cli.LOSS_WEIGHTS:
         raise argparse.ArgumentTypeError(
-            f"--range {text!r}: {name!r} is not a loss weight ({', '.join(sweep.WEIGHTS)})"
+            f"--range {text!r}: {name!r} is not a loss weight ({', '.join(cli.LOSS_WEIGHTS)})"
         )
     if not 0 < low < high:
         raise argparse.ArgumentTypeError(
@@ -58,19 +55,12 @@ def _range(text: str) -> tuple[str, tuple[float, float]]:
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], add_help=True)
-    parser.add_argument(
-        "--config",
-        default=None,
-        help="YAML config (default: configs/tiny.yaml with the demo budget "
+    cli.add_config_flags(
+        parser,
+        None,
+        config_help="YAML config (default: configs/tiny.yaml with the demo budget "
         f"{' '.join(DEMO_OVERRIDES)})",
-    )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value (repeatable); the candidate score thresholds are "
+        set_help="override a config value (repeatable); the candidate score thresholds are "
         "eval.score_thresholds, e.g. --set 'eval.score_thresholds=[0.05,0.2,0.4]'",
     )
     parser.add_argument(
@@ -81,13 +71,9 @@ def get_args_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="NAME=LOW:HIGH",
         help="log-uniform range of a loss weight (alpha, beta, gamma, delta); default "
-        f"{sweep.DEFAULT_RANGE[0]:g}:{sweep.DEFAULT_RANGE[1]:g} for each (repeatable)",
+        f"{cli.DEFAULT_WEIGHT_RANGE[0]:g}:{cli.DEFAULT_WEIGHT_RANGE[1]:g} for each (repeatable)",
     )
-    parser.add_argument(
-        "--data",
-        default=None,
-        help="shards root (train/ and val/) or a COCO folder; default: generated crowded scenes",
-    )
+    cli.add_data_flag(parser)
     parser.add_argument("--num-samples", type=int, default=5, help="trials to run")
     parser.add_argument(
         "--workers-per-trial", type=int, default=None, help="Ray Train workers per trial"
@@ -98,7 +84,6 @@ def get_args_parser() -> argparse.ArgumentParser:
         default=None,
         help="trials at once (default: as many as the cluster's CPUs/GPUs fit)",
     )
-    parser.add_argument("--use-gpu", choices=["auto", "true", "false"], default=None)
     parser.add_argument(
         "--no-early-stop",
         action="store_true",
@@ -113,25 +98,24 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--no-model", action="store_true", help="do not log a model with every trial's run"
     )
-    parser.add_argument(
-        "--storage-path",
-        default=None,
-        help="where the Tune experiment and the trials' checkpoints go: a local dir (default "
-        "./work/sweeps) or a shared / cloud URI for multi-node clusters",
-    )
     parser.add_argument("--name", default="pep-sweep", help="sweep name")
     parser.add_argument(
         "--resume",
         action="store_true",
         help="continue the sweep --name (unfinished and errored trials; with its saved settings)",
     )
-    parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI")
-    parser.add_argument("--experiment", default="pep", help="MLflow experiment name")
-    parser.add_argument("--work-dir", default="work", help="local folder for data/shards/stores")
+    cli.add_run_flags(
+        parser,
+        storage_help="where the Tune experiment and the trials' checkpoints go: a local dir "
+        "(default ./work/sweeps) or a shared / cloud URI for multi-node clusters",
+    )
     return parser
 
 
 def main(args: argparse.Namespace) -> int:
+    from pep_model import ConfigError, load_config
+    from pipeline import experiment, sweep
+
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     overrides = args.overrides if args.config else DEMO_OVERRIDES + args.overrides
     try:

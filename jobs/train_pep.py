@@ -13,45 +13,25 @@ import argparse
 import logging
 import sys
 
-from pep_model import ConfigError, load_config
-from pipeline import experiment
-from pipeline.train import RunExistsError
+from pipeline import cli
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], add_help=True)
-    parser.add_argument("--config", default="configs/tiny.yaml", help="YAML config file")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set train.lr=0.02 (repeatable)",
-    )
-    parser.add_argument(
-        "--data",
-        default=None,
-        help="shards root (train/ and val/ shard folders) or a COCO folder with "
-        "train/annotations.json + train/images and val/...; default: generated crowded scenes",
-    )
+    cli.add_config_flags(parser, cli.project_config("tiny.yaml"))
+    cli.add_data_flag(parser)
     parser.add_argument("--num-workers", type=int, default=None, help="Ray Train workers")
-    parser.add_argument("--use-gpu", choices=["auto", "true", "false"], default=None)
-    parser.add_argument(
-        "--storage-path",
-        default=None,
-        help="where runs and checkpoints go: a local dir (default ./work/runs) or a shared / "
-        "cloud URI for multi-node clusters",
-    )
     parser.add_argument("--name", default=None, help="run name (default: pep-<timestamp>)")
     parser.add_argument("--resume", action="store_true", help="continue the run --name")
-    parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI")
-    parser.add_argument("--experiment", default="pep", help="MLflow experiment name")
-    parser.add_argument("--work-dir", default="work", help="local folder for data/shards/stores")
+    cli.add_run_flags(parser)
     return parser
 
 
 def main(args: argparse.Namespace) -> int:
+    from pep_model import ConfigError, load_config
+    from pipeline import experiment
+    from pipeline.train import RunExistsError
+
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_config(args.config, args.overrides)

@@ -40,8 +40,8 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 
-DEFAULT_MODEL_NAME = "pep"
-DEFAULT_METRIC = "segm/AP"
+from pipeline.cli import DEFAULT_METRIC, DEFAULT_MODEL_NAME  # shared with the jobs' flags
+
 CHAMPION = "champion"
 PREVIOUS = "previous"
 

@@ -34,20 +34,14 @@ from ray.tune.search.optuna import OptunaSearch
 
 from pep_model import Config, config_from_dict, config_to_dict, save_config
 from pipeline import cluster, experiment, tracking
+from pipeline.cli import DEFAULT_WEIGHT_RANGE, LOSS_WEIGHTS
 from pipeline.inference import resolve_use_gpu
 from pipeline.train import run_cpus, run_directory_exists
 
 logger = logging.getLogger(__name__)
 
-# Eq. 8: L_P + alpha L_E + beta L_PE + gamma L_graph + delta L_mask; the loss term each weight
-# multiplies (PEP's loss dict holds every term already multiplied by its weight).
-WEIGHTS = {
-    "alpha": "loss_excavate",
-    "beta": "loss_mined_cls",
-    "gamma": "loss_graph",
-    "delta": "loss_mask",
-}
-DEFAULT_RANGE = (0.25, 4.0)
+WEIGHTS = LOSS_WEIGHTS  # Eq. 8's weights and the loss term each multiplies
+DEFAULT_RANGE = DEFAULT_WEIGHT_RANGE
 OBJECTIVE = "best_segm_AP"  # segm AP at the trial's best score threshold (final result only)
 EARLY_STOP_METRIC = "loss_unweighted"  # per-epoch: the loss terms without the Eq. 8 weights
 EPOCHS_DONE = "epochs_done"  # per-epoch: 1-based epoch count (ASHA's time axis)

@@ -26,7 +26,6 @@ from mlflow.types import ColSpec, Schema
 logger = logging.getLogger(__name__)
 
 DEFAULT_STORE_DIR = "work"
-DEFAULT_EXPERIMENT = "pep"
 
 
 def default_tracking_uri(base_dir: str | Path | None = None) -> str:

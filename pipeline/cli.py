@@ -1,0 +1,79 @@
+"""The jobs' shared command-line pieces: flags, defaults, the project's own config folder.
+
+Imports nothing heavy (no torch, Ray or MLflow), so that every job's `--help` answers at
+once; the jobs import the pipeline inside `main`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = PROJECT_ROOT / "configs"
+
+DEFAULT_EXPERIMENT = "pep"  # the MLflow experiment jobs/train_pep.py logs to
+DEFAULT_METRIC = "segm/AP"  # the run metric the registry compares
+DEFAULT_MODEL_NAME = "pep"  # the registered model jobs/promote_pep.py versions
+# Eq. 8: L_P + alpha L_E + beta L_PE + gamma L_graph + delta L_mask; the loss term each weight
+# multiplies (PEP's loss dict holds every term already multiplied by its weight).
+LOSS_WEIGHTS = {
+    "alpha": "loss_excavate",
+    "beta": "loss_mined_cls",
+    "gamma": "loss_graph",
+    "delta": "loss_mask",
+}
+DEFAULT_WEIGHT_RANGE = (0.25, 4.0)  # the sweep's log-uniform range of each weight
+
+
+def project_config(name: str) -> Path:
+    """configs/<name> of this project, wherever the job is started from."""
+    return CONFIG_DIR / name
+
+
+def add_config_flags(
+    parser: argparse.ArgumentParser,
+    default: str | Path | None,
+    *,
+    config_help: str = "YAML config file (default: %(default)s)",
+    set_help: str = "override a config value, e.g. --set train.lr=0.02 (repeatable)",
+) -> None:
+    """--config (YAML) and repeatable --set KEY=VALUE overrides."""
+    parser.add_argument(
+        "--config", default=None if default is None else str(default), help=config_help
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=set_help,
+    )
+
+
+def add_data_flag(parser: argparse.ArgumentParser) -> None:
+    """--data: a shards root or a COCO folder; default: the generated crowded scenes."""
+    parser.add_argument(
+        "--data",
+        default=None,
+        help="shards root (train/ and val/ shard folders) or a COCO folder with "
+        "train/annotations.json + train/images and val/...; default: generated crowded scenes",
+    )
+
+
+def add_run_flags(
+    parser: argparse.ArgumentParser,
+    *,
+    experiment: str = DEFAULT_EXPERIMENT,
+    storage_help: str = "where runs and checkpoints go: a local dir (default ./work/runs) or "
+    "a shared / cloud URI for multi-node clusters",
+) -> None:
+    """--use-gpu, --storage-path, --tracking-uri, --experiment and --work-dir."""
+    parser.add_argument("--use-gpu", choices=["auto", "true", "false"], default=None)
+    parser.add_argument("--storage-path", default=None, help=storage_help)
+    parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI")
+    parser.add_argument(
+        "--experiment", default=experiment, help="MLflow experiment name (default: %(default)s)"
+    )
+    parser.add_argument("--work-dir", default="work", help="local folder for data/shards/stores")
