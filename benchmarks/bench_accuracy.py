@@ -78,7 +78,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform  # n
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool  # noqa: E402
 
 from pep_model import Config, build_model, load_config, save_checkpoint  # noqa: E402
-from pipeline import evaluate, experiment, reader  # noqa: E402
+from pipeline import cli, evaluate, experiment, reader  # noqa: E402
 from pipeline.inference import INFERENCE_COLUMNS, predict_rows  # noqa: E402
 from pipeline.train import build_lr_scheduler, build_optimizer, train_one_epoch  # noqa: E402
 
@@ -95,15 +95,9 @@ COLUMNS = ["segm/AP", "segm/AP50", "segm/AP75", "segm/APs", "segm/APm", "segm/AP
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=None, help="COCO folder or shards root")
-    parser.add_argument("--config", default=str(ROOT / "configs" / "tiny.yaml"))
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="config override for every model",
+    cli.add_data_flag(parser)
+    cli.add_config_flags(
+        parser, cli.project_config("tiny.yaml"), set_help="config override for every model"
     )
     parser.add_argument("--models", nargs="+", default=MODELS, choices=MODELS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2])
