@@ -40,8 +40,6 @@ from pipeline.train import run_cpus, run_directory_exists
 
 logger = logging.getLogger(__name__)
 
-WEIGHTS = LOSS_WEIGHTS  # Eq. 8's weights and the loss term each multiplies
-DEFAULT_RANGE = DEFAULT_WEIGHT_RANGE
 OBJECTIVE = "best_segm_AP"  # segm AP at the trial's best score threshold (final result only)
 EARLY_STOP_METRIC = "loss_unweighted"  # per-epoch: the loss terms without the Eq. 8 weights
 EPOCHS_DONE = "epochs_done"  # per-epoch: 1-based epoch count (ASHA's time axis)
@@ -186,7 +184,7 @@ def read_spec(experiment_path: str) -> SweepSpec:
 def apply_trial_values(base_config: dict[str, Any], values: dict[str, float]) -> Config:
     """The base config with a trial's sampled loss weights."""
     cfg = config_from_dict(base_config)
-    for name in WEIGHTS:
+    for name in LOSS_WEIGHTS:
         if name in values:
             setattr(cfg.model, name, float(values[name]))
     return cfg
@@ -231,7 +229,7 @@ class EpochReportCallback(TuneReportCallback):
         if "loss_perceive" in first:
             first[EARLY_STOP_METRIC] = float(first["loss_perceive"]) + sum(
                 float(first[term]) / self.weights[name]
-                for name, term in WEIGHTS.items()
+                for name, term in LOSS_WEIGHTS.items()
                 if term in first and self.weights.get(name)
             )
         super().after_report(run_context, [first, *metrics[1:]], checkpoint)
@@ -245,7 +243,7 @@ def trial_run_name(sweep_name: str, trial_id: str) -> str:
 def pep_trial(config: dict[str, Any], spec: SweepSpec) -> None:
     """Tune function trainable: one PEP training + evaluation for the sampled weights."""
     trial_id = ray.tune.get_context().get_trial_id()
-    weights = {name: float(config[name]) for name in WEIGHTS if name in config}
+    weights = {name: float(config[name]) for name in LOSS_WEIGHTS if name in config}
     cfg = apply_trial_values(spec.base_config, weights)
     name = trial_run_name(spec.name, trial_id)
     # A restored (resumed) trial continues its own Ray Train run from the last checkpoint.
@@ -425,8 +423,8 @@ def run_sweep(
         gpu = resolve_use_gpu(cfg.train.use_gpu if use_gpu is None else use_gpu)
         workers = workers_per_trial or cfg.train.num_workers
         ranges = {k: tuple(map(float, v)) for k, v in (ranges or {}).items()}
-        for weight in WEIGHTS:
-            ranges.setdefault(weight, DEFAULT_RANGE)
+        for weight in LOSS_WEIGHTS:
+            ranges.setdefault(weight, DEFAULT_WEIGHT_RANGE)
         spec = SweepSpec(
             name=name,
             base_config=config_to_dict(cfg),
@@ -548,7 +546,7 @@ def collect_rows(
         if not trial_id and frame is not None and "trial_id" in frame and len(frame):
             trial_id = str(frame["trial_id"].iloc[-1])
         trial_id = trial_id or Path(result.path).name  # a trial that never reported
-        weights = {k: float(result.config[k]) for k in WEIGHTS if k in result.config}
+        weights = {k: float(result.config[k]) for k in LOSS_WEIGHTS if k in result.config}
         epochs = 0
         if frame is not None and EPOCHS_DONE in frame:
             epochs = int(frame[EPOCHS_DONE].max())
@@ -575,13 +573,13 @@ def collect_rows(
 
 def format_leaderboard(rows: list[TrialRow]) -> str:
     """Markdown table: trial, alpha..delta, best threshold, its segm AP (in %), status."""
-    header = ["rank", "trial", *WEIGHTS, "score thr", "segm AP", "epochs", "status"]
+    header = ["rank", "trial", *LOSS_WEIGHTS, "score thr", "segm AP", "epochs", "status"]
     lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     for rank, row in enumerate(rows, 1):
         cells = [
             str(rank) if row.best_ap is not None else "-",
             row.trial_id,
-            *(f"{row.weights.get(k, float('nan')):.3g}" for k in WEIGHTS),
+            *(f"{row.weights.get(k, float('nan')):.3g}" for k in LOSS_WEIGHTS),
             "-" if row.best_threshold is None else f"{row.best_threshold:g}",
             "-" if row.best_ap is None else f"{100 * row.best_ap:.1f}",
             str(row.epochs),
