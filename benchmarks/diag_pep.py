@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import itertools
 import sys
 from collections import Counter
@@ -41,13 +40,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from bench_accuracy import evaluate_model  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-import pep_model.pep  # noqa: E402
 from pep_model import PEP, load_checkpoint  # noqa: E402
-from pep_model.mask_learning import dice_loss  # noqa: E402
 from pep_model.postprocess import group_by_similarity  # noqa: E402
 from pipeline import experiment, reader  # noqa: E402
 
@@ -208,51 +204,34 @@ def mask_loss_split(model: PEP, batches) -> dict[str, float]:
     """Training's mask loss (Eq. 7, BCE + Dice per descriptor) over `batches` of
     (images, targets), split into original and mined descriptors: how many of each and
     their mean loss. Needs a model with excavating."""
-    counts: list[int] = []  # descriptors per image in the mask loss (N_all = N_ori + K)
+    per_image: list[Tensor] = []  # each image's N_all = N_ori + K losses, in order
     mined: list[int] = []  # K mined descriptors per image
-    per_descriptor: list[Tensor] = []
-    masks, mine = model.masks, model.excavating.mine
+    mask_losses, mine = model.mask_losses, model.excavating.mine
 
-    def count_all(descriptors, *args):
-        counts.append(descriptors.shape[0])
-        return masks(descriptors, *args)
+    def record_losses(*args):
+        per_image.append(mask_losses(*args))
+        return per_image[-1]
 
     def count_mined(*args):
         out = mine(*args)
         mined.append(out[0].shape[0])
         return out
 
-    def per_descriptor_loss(logits, targets, kind):
-        bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none").mean((1, 2))
-        per_descriptor.append(bce + dice_loss(logits, targets))
-        return per_descriptor[-1].mean()
-
     original, mined_losses = [], []
     model.train()
-    # one masks call per image with all N_all descriptors (the split below relies on it);
-    # the losses' values do not depend on where B's gradient stops
-    config = model.config
-    model.config = dataclasses.replace(config, mined_mask_trains_feature=True)
-    try:
-        with (
-            mock.patch.object(model, "masks", count_all),
-            mock.patch.object(pep_model.pep, "mask_loss", per_descriptor_loss),
-            mock.patch.object(model.excavating, "mine", count_mined),
-            torch.no_grad(),
-        ):
-            for images, targets in batches:
-                counts.clear()
-                mined.clear()
-                per_descriptor.clear()
-                model(images, targets)
-                start = 0
-                for n, k in zip(counts, mined):
-                    original.append(per_descriptor[0][start : start + n - k])
-                    mined_losses.append(per_descriptor[0][start + n - k : start + n])
-                    start += n
-    finally:
-        model.config = config
-        model.eval()
+    with (
+        mock.patch.object(model, "mask_losses", record_losses),
+        mock.patch.object(model.excavating, "mine", count_mined),
+        torch.no_grad(),
+    ):
+        for images, targets in batches:
+            per_image.clear()
+            mined.clear()
+            model(images, targets)
+            for losses, k in zip(per_image, mined):
+                original.append(losses[: len(losses) - k])
+                mined_losses.append(losses[len(losses) - k :])
+    model.eval()
     o, m = torch.cat(original), torch.cat(mined_losses)
     return {
         "original": len(o),

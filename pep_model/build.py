@@ -36,6 +36,11 @@ def build_model(config: ModelConfig) -> PEP:
             f"({config.descriptor_dim}) with model.mask_head=linear: a descriptor is then a "
             "1x1 kernel over the mask feature B"
         )
+    if config.mask_window < 0 or (config.mask_window > 0 and config.mask_head != "dynamic"):
+        raise ValueError(
+            f"model.mask_window must be 0 (whole image) or a side in level strides with "
+            f"model.mask_head=dynamic, got {config.mask_window} with {config.mask_head}"
+        )
     if config.mask_stride not in (4, 8):
         raise ValueError(f"model.mask_stride must be 4 or 8, got {config.mask_stride}")
     if config.mask_upsample not in (1, 2, 4) or config.mask_upsample > config.mask_stride:

@@ -46,6 +46,11 @@ class ModelConfig:
     # Mask logits are upsampled (bilinear) by this factor before the loss and decoding, so
     # masks are predicted at mask_stride / mask_upsample (CondInst: 2). 1 = at B's stride.
     mask_upsample: int = 1
+    # Side of the square window, in the descriptor's level strides, in which its mask is
+    # computed and trained (0 = the whole image). Objects of a level are at most ~12 of its
+    # strides (scale_ranges), so 24 leaves room around them; small objects' masks then cost
+    # a window instead of the whole map, which pays for a finer mask_upsample.
+    mask_window: int = 0
     # Scale-based FPN level assignment (sqrt(area) in input pixels), one range per level P2..P6.
     # FPN levels the perceiving head runs on (2..6 = P2..P6). [3, 4, 5, 6] skips the stride-4
     # map, which carries ~3/4 of the head's pixels (the lean speed setting, see BENCHMARKS.md).

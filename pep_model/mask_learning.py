@@ -15,7 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pep_model.perceiving import add_coordinates, conv_gn_relu, relative_coordinates
+from pep_model.perceiving import (
+    add_coordinates,
+    conv_gn_relu,
+    relative_coordinates,
+)
 
 
 class MaskFeature(nn.Module):
@@ -56,6 +60,81 @@ class MaskFeature(nn.Module):
                 x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
             fused = x if fused is None else fused + x
         return self.out(self.fuse(add_coordinates(fused, self.mask_stride)))
+
+
+class MaskWindow:
+    """Windows of one size on an h x w map, one per descriptor (`model.mask_window`).
+
+    A descriptor of a level with stride s describes an object of about 12 s pixels or less
+    (the scale ranges), so its mask is computed and trained only in a square of `side` cells
+    around its location, clamped inside the map; outside it the mask is background. This is
+    the "mask stride each object needs" lever: the small objects' masks cost a window, not
+    the whole image, so they can be predicted at a finer stride.
+
+    Attributes:
+        top, left: N int64 cells of each window's first row and column.
+        height, width: the windows' size in cells (at most the map's).
+    """
+
+    def __init__(self, top: Tensor, left: Tensor, height: int, width: int) -> None:
+        self.top, self.left, self.height, self.width = top, left, height, width
+
+    @classmethod
+    def around(
+        cls, locations: Tensor, side: int, map_height: int, map_width: int, map_stride: int
+    ) -> MaskWindow:
+        """`side` x `side` cell windows centred on N x 2 pixel locations of a map."""
+        height, width = min(side, map_height), min(side, map_width)
+        row = torch.div(locations[:, 1], map_stride, rounding_mode="floor").long()
+        col = torch.div(locations[:, 0], map_stride, rounding_mode="floor").long()
+        top = (row - height // 2).clamp(0, map_height - height)
+        left = (col - width // 2).clamp(0, map_width - width)
+        return cls(top, left, height, width)
+
+    def scaled(self, factor: int) -> MaskWindow:
+        """The same windows on a map `factor` times finer (mask_upsample)."""
+        return MaskWindow(
+            self.top * factor, self.left * factor, self.height * factor, self.width * factor
+        )
+
+    def _cells(self) -> tuple[Tensor, Tensor]:
+        rows = self.top[:, None] + torch.arange(self.height, device=self.top.device)
+        cols = self.left[:, None] + torch.arange(self.width, device=self.top.device)
+        return rows, cols  # N x height, N x width
+
+    def crop_shared(self, feature: Tensor) -> Tensor:
+        """Each window of one c x h x w map: N x c x height x width."""
+        rows, cols = self._cells()
+        return feature[:, rows[:, :, None], cols[:, None, :]].transpose(0, 1)
+
+    def crop(self, maps: Tensor, index: Tensor | None = None) -> Tensor:
+        """Each window of its own map: maps[index[i]] (maps[i] without `index`), M x h x w
+        -> N x height x width."""
+        rows, cols = self._cells()
+        if index is None:
+            index = torch.arange(maps.shape[0], device=maps.device)
+        return maps[index[:, None, None], rows[:, :, None], cols[:, None, :]]
+
+    def paste(self, windows: Tensor, height: int, width: int, fill: float = 0.0) -> Tensor:
+        """N x height x width window values into N x h x w maps filled with `fill` elsewhere."""
+        out = windows.new_full((windows.shape[0], height, width), fill)
+        rows, cols = self._cells()
+        index = torch.arange(windows.shape[0], device=windows.device)[:, None, None]
+        out[index, rows[:, :, None], cols[:, None, :]] = windows
+        return out
+
+    def relative_coordinates(
+        self, locations: Tensor, strides: Tensor, map_stride: int, scale: float
+    ) -> Tensor:
+        """Window cells' offsets from their descriptor, as `relative_coordinates`:
+        N x 2 x (height * width) (dx, dy) in units of scale x the descriptor's level stride."""
+        rows, cols = self._cells()
+        norm = (strides * scale)[:, None, None]
+        dx = (cols * map_stride + map_stride // 2)[:, None, :] - locations[:, None, :1]
+        dy = (rows * map_stride + map_stride // 2)[:, :, None] - locations[:, None, 1:]
+        dx = (dx / norm).expand(-1, self.height, -1)
+        dy = (dy / norm).expand(-1, -1, self.width)
+        return torch.stack([dx, dy], dim=1).flatten(2)
 
 
 def mask_logits(descriptors: Tensor, feature: Tensor) -> Tensor:
@@ -128,28 +207,37 @@ class DynamicMaskHead(nn.Module):
 
     def forward(
         self, descriptors: Tensor, locations: Tensor, strides: Tensor, feature: Tensor,
-        feature_stride: int,
+        feature_stride: int, window: MaskWindow | None = None,
     ) -> Tensor:
-        """Mask logits of one image's descriptors.
+        """Mask logits of one image's descriptors, on the whole map or inside their windows.
 
         Args:
             descriptors: N x D; locations: N x 2 pixel (x, y); strides: N level strides.
             feature: channels x h x w, this image's `mask_input`, at `feature_stride`.
+            window: each descriptor's window on the map (all of one size), or None.
         Returns:
-            N x h x w logits.
+            N x h x w logits, or N x window.height x window.width.
         """
         c, h, w = feature.shape
         n = descriptors.shape[0]
+        if window is not None:
+            h, w = window.height, window.width
         if n == 0:
             return feature.new_zeros((0, h, w))
         weights, biases = parse_dynamic_params(
             self.controller(descriptors), self.weight_nums, self.bias_nums, self.channels
         )
-        rel = relative_coordinates(
-            locations, strides, h, w, feature_stride, self.relative_scale
-        ).to(feature.dtype)  # N x 2 x hw
-        # first layer: the shared feature's part once per weight, the coordinates' per pixel
-        x = weights[0][:, :, :c] @ feature.reshape(c, h * w)  # N x out x hw
+        if window is None:
+            rel = relative_coordinates(
+                locations, strides, h, w, feature_stride, self.relative_scale
+            ).to(feature.dtype)  # N x 2 x hw
+            # first layer: the shared feature's part once per weight, the coordinates' per pixel
+            x = weights[0][:, :, :c] @ feature.reshape(c, h * w)  # N x out x hw
+        else:
+            rel = window.relative_coordinates(
+                locations, strides, feature_stride, self.relative_scale
+            ).to(feature.dtype)
+            x = torch.bmm(weights[0][:, :, :c], window.crop_shared(feature).flatten(2))
         x = x + weights[0][:, :, c:] @ rel + biases[0]
         for weight, bias in zip(weights[1:], biases[1:]):
             x = torch.baddbmm(bias, weight, F.relu(x))  # N x out x hw
@@ -165,9 +253,11 @@ class LinearMaskHead(nn.Module):
 
     def forward(
         self, descriptors: Tensor, locations: Tensor, strides: Tensor, feature: Tensor,
-        feature_stride: int,
+        feature_stride: int, window: MaskWindow | None = None,
     ) -> Tensor:
         """N x D descriptors, D x h x w B -> N x h x w logits (locations unused)."""
+        if window is not None:
+            raise ValueError("model.mask_window needs model.mask_head=dynamic")
         return mask_logits(descriptors, feature)
 
 
@@ -179,25 +269,28 @@ def dice_loss(logits: Tensor, targets: Tensor, eps: float = 1.0) -> Tensor:
     return 1 - (2 * inter + eps) / ((probs * probs).sum(1) + (targets * targets).sum(1) + eps)
 
 
-def mask_loss(logits: Tensor, targets: Tensor, kind: str = "bce") -> Tensor:
-    """Eq. 7 averaged over the N_all descriptors.
+def per_mask_loss(logits: Tensor, targets: Tensor, kind: str = "bce") -> Tensor:
+    """Eq. 7 for each descriptor: N x h x w logits and GT masks in [0, 1] (area-downsampled
+    to the masks' resolution) -> N. kind: "bce" (per-pixel cross-entropy averaged over the
+    mask, the paper), "dice", or "bce_dice" (their sum)."""
+    if kind not in ("bce", "dice", "bce_dice"):
+        raise ValueError(f"model.mask_loss: unknown {kind!r}; use bce, dice or bce_dice")
+    loss = logits.new_zeros(logits.shape[0])
+    if kind in ("bce", "bce_dice"):
+        loss = loss + F.binary_cross_entropy_with_logits(
+            logits, targets, reduction="none"
+        ).flatten(1).mean(1)
+    if kind in ("dice", "bce_dice"):
+        loss = loss + dice_loss(logits, targets)
+    return loss
 
-    Args:
-        logits: N x h x w predicted mask logits; targets: N x h x w GT masks in [0, 1]
-            (area-downsampled to B's resolution).
-        kind: "bce" (per-pixel cross-entropy, the paper), "dice", or "bce_dice" (sum).
-    """
+
+def mask_loss(logits: Tensor, targets: Tensor, kind: str = "bce") -> Tensor:
+    """Eq. 7 averaged over the N_all descriptors (`per_mask_loss`'s mean; 0 for none)."""
     if logits.shape[0] == 0:
+        per_mask_loss(logits, targets, kind)  # still refuses an unknown kind
         return logits.sum() * 0
-    if kind == "bce":
-        return F.binary_cross_entropy_with_logits(logits, targets)
-    if kind == "dice":
-        return dice_loss(logits, targets).mean()
-    if kind == "bce_dice":
-        return F.binary_cross_entropy_with_logits(logits, targets) + dice_loss(
-            logits, targets
-        ).mean()
-    raise ValueError(f"model.mask_loss: unknown {kind!r}; use bce, dice or bce_dice")
+    return per_mask_loss(logits, targets, kind).mean()
 
 
 def downsample_masks(masks: Tensor, stride: int) -> Tensor:

@@ -29,8 +29,9 @@ from pep_model.mask_learning import (
     DynamicMaskHead,
     LinearMaskHead,
     MaskFeature,
+    MaskWindow,
     downsample_masks,
-    mask_loss,
+    per_mask_loss,
 )
 from pep_model.perceiving import (
     SemanticsPerceiving,
@@ -49,6 +50,9 @@ from pep_model.purifying import InstancePurifying, graph_loss, graph_targets
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Mask logit outside a descriptor's window (`model.mask_window`): certain background.
+OUTSIDE_WINDOW_LOGIT = -1e4
 
 # ModelConfig fields that may be changed after building (post-processing only).
 INFERENCE_PARAMS = (
@@ -168,23 +172,102 @@ class PEP(nn.Module):
         """Stride of the predicted masks: B's, or finer when `mask_upsample` > 1."""
         return self.config.mask_stride // self.config.mask_upsample
 
+    def mask_windows(
+        self, descriptors: Tensor, locations: Tensor, loc_strides: Tensor, mask_input: Tensor
+    ) -> list[tuple[Tensor, MaskWindow | None, Tensor]]:
+        """Eq. 6 for one image, inside each descriptor's window (`model.mask_window`).
+
+        Args:
+            descriptors: N x D at N x 2 pixel locations, of N level strides.
+            mask_input: the image's `mask_head.mask_input` of B, c x h x w.
+        Returns:
+            Groups of descriptors sharing a window size: (their indices into the N, their
+            windows at `mask_output_stride` or None for the whole map, their mask logits
+            N_g x height x width at `mask_output_stride`; bilinear x `mask_upsample` on the
+            logits, as CondInst does).
+        """
+        cfg = self.config
+        _, h, w = mask_input.shape
+        n = descriptors.shape[0]
+        groups: list[tuple[Tensor, MaskWindow | None]] = []
+        if cfg.mask_window > 0 and n > 0:
+            for stride in loc_strides.unique().tolist():
+                index = (loc_strides == stride).nonzero().squeeze(1)
+                side = math.ceil(cfg.mask_window * stride / cfg.mask_stride)
+                window = None if side >= max(h, w) else MaskWindow.around(
+                    locations[index], side, h, w, cfg.mask_stride
+                )
+                groups.append((index, window))
+        else:
+            groups.append((torch.arange(n, device=descriptors.device), None))
+        up = cfg.mask_upsample
+        out = []
+        for index, window in groups:
+            logits = self.mask_head(
+                descriptors[index], locations[index], loc_strides[index], mask_input,
+                cfg.mask_stride, window,
+            )
+            if up > 1 and logits.shape[0] > 0:
+                logits = F.interpolate(
+                    logits[:, None], scale_factor=up, mode="bilinear", align_corners=False
+                )[:, 0]
+            elif up > 1:
+                logits = logits.new_zeros((0, logits.shape[1] * up, logits.shape[2] * up))
+            out.append((index, None if window is None else window.scaled(up), logits))
+        return out
+
     def masks(
         self, descriptors: Tensor, locations: Tensor, loc_strides: Tensor, mask_input: Tensor
     ) -> Tensor:
-        """Eq. 6 for one image: N descriptors (at N x 2 locations, N level strides) and the
-        image's `mask_head.mask_input` -> N x h x w mask logits at `mask_output_stride`
-        (B's h x w times `mask_upsample`, bilinear on the logits as CondInst does)."""
-        logits = self.mask_head(
-            descriptors, locations, loc_strides, mask_input, self.config.mask_stride
-        )
+        """Eq. 6 for one image on the whole map: N x h x w mask logits at
+        `mask_output_stride` (B's h x w times `mask_upsample`); outside a descriptor's window
+        the logit is OUTSIDE_WINDOW_LOGIT."""
         up = self.config.mask_upsample
-        if up > 1 and logits.shape[0] > 0:
-            logits = F.interpolate(
-                logits[:, None], scale_factor=up, mode="bilinear", align_corners=False
-            )[:, 0]
-        elif up > 1:
-            logits = logits.new_zeros((0, logits.shape[1] * up, logits.shape[2] * up))
-        return logits
+        h, w = mask_input.shape[-2] * up, mask_input.shape[-1] * up
+        out = mask_input.new_full((descriptors.shape[0], h, w), OUTSIDE_WINDOW_LOGIT)
+        for index, window, logits in self.mask_windows(
+            descriptors, locations, loc_strides, mask_input
+        ):
+            out[index] = logits if window is None else window.paste(
+                logits, h, w, OUTSIDE_WINDOW_LOGIT
+            )
+        return out
+
+    def mask_losses(
+        self,
+        descriptors: Tensor,
+        locations: Tensor,
+        loc_strides: Tensor,
+        mask_input: Tensor,
+        gt_masks: Tensor,
+        instance_ids: Tensor,
+        detach_from: int | None = None,
+    ) -> Tensor:
+        """Eq. 7 for each of one image's N descriptors, in their order: N.
+
+        Args:
+            gt_masks: the image's M instance masks at `mask_output_stride` (area fractions).
+            instance_ids: N, the instance each descriptor is trained towards.
+            detach_from: descriptors from this index on see B detached (the mined ones when
+                `mined_mask_trains_feature` is false).
+        """
+        n = descriptors.shape[0]
+        losses = mask_input.new_zeros(n)
+        parts = [(0, n, mask_input)]
+        if detach_from is not None:
+            parts = [(0, detach_from, mask_input), (detach_from, n, mask_input.detach())]
+        for start, end, feature in parts:
+            ids = instance_ids[start:end]
+            for index, window, logits in self.mask_windows(
+                descriptors[start:end], locations[start:end], loc_strides[start:end], feature
+            ):
+                targets = (
+                    gt_masks[ids[index]] if window is None else window.crop(gt_masks, ids[index])
+                )
+                losses = losses.index_put(
+                    (index + start,), per_mask_loss(logits, targets, self.config.mask_loss)
+                )
+        return losses
 
     # ------------------------------------------------------------------ training
     def losses(
@@ -213,7 +296,7 @@ class PEP(nn.Module):
         )
         mask_inputs = self.mask_head.mask_input(general)  # B x c x h x w
 
-        cls_targets, mask_preds, mask_gts = [], [], []
+        cls_targets, mask_losses = [], []
         num_originals = 0
         heat_preds, heat_gts, mined_preds, mined_gts = [], [], [], []
         pair_logits, pair_gts = [], []
@@ -273,17 +356,14 @@ class PEP(nn.Module):
                 loc_strides = torch.cat([loc_strides, loc_strides[orig]])
                 instance_ids = torch.cat([instance_ids, target_ids])
 
-            if self.excavating is not None and not cfg.mined_mask_trains_feature:
-                n_ori = descriptors.shape[0] - mined.shape[0]
-                mask_preds.append(torch.cat([  # the mined masks on a detached B
-                    self.masks(descriptors[:n_ori], locations[:n_ori], loc_strides[:n_ori],
-                               mask_inputs[b]),
-                    self.masks(descriptors[n_ori:], locations[n_ori:], loc_strides[n_ori:],
-                               mask_inputs[b].detach()),
-                ]))
-            else:  # N_all x h x w
-                mask_preds.append(self.masks(descriptors, locations, loc_strides, mask_inputs[b]))
-            mask_gts.append(gt_small[instance_ids])
+            detach_from = (
+                descriptors.shape[0] - mined.shape[0]
+                if self.excavating is not None and not cfg.mined_mask_trains_feature else None
+            )
+            mask_losses.append(self.mask_losses(
+                descriptors, locations, loc_strides, mask_inputs[b], gt_small, instance_ids,
+                detach_from,
+            ))  # N_all
 
             if self.purifying is not None:
                 logits = self.purifying(descriptors, locations, loc_strides)  # N_all x N_all
@@ -310,19 +390,18 @@ class PEP(nn.Module):
         if self.purifying is not None:
             losses["loss_graph"] = cfg.gamma * graph_loss(torch.cat(pair_logits),
                                                           torch.cat(pair_gts))
-        all_masks = torch.cat(mask_preds)
+        per_descriptor = torch.cat(mask_losses)  # N_all over the batch
         if cfg.mask_loss_norm not in ("all", "originals"):
             raise ValueError(
                 f"model.mask_loss_norm: unknown {cfg.mask_loss_norm!r}; use all or originals"
             )
-        # mask_loss is a mean over N_all; "originals" turns it into sum / N_ori
+        # a mean over N_all; "originals" turns it into sum / N_ori
         norm = (
-            all_masks.shape[0] / num_originals
+            per_descriptor.shape[0] / num_originals
             if cfg.mask_loss_norm == "originals" and num_originals > 0 else 1.0
         )
-        losses["loss_mask"] = cfg.delta * norm * mask_loss(
-            all_masks, torch.cat(mask_gts), cfg.mask_loss
-        )
+        mean = per_descriptor.mean() if per_descriptor.shape[0] > 0 else general.sum() * 0
+        losses["loss_mask"] = cfg.delta * norm * mean
         return losses
 
     # ------------------------------------------------------------------ inference

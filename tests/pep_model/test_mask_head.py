@@ -13,8 +13,10 @@ from pep_model.config import Config, config_to_dict
 from pep_model.mask_learning import (
     DynamicMaskHead,
     LinearMaskHead,
+    MaskWindow,
     parse_dynamic_params,
 )
+from pep_model.pep import OUTSIDE_WINDOW_LOGIT
 from pep_model.perceiving import relative_coordinates
 
 
@@ -125,9 +127,9 @@ def test_the_default_model_uses_the_dynamic_head_for_every_descriptor(crowded_ba
     calls = []
     forward = model.mask_head.forward
 
-    def spy(descriptors, locations, strides, feature, stride):
+    def spy(descriptors, locations, strides, feature, stride, window=None):
         calls.append(descriptors.shape[0])
-        return forward(descriptors, locations, strides, feature, stride)
+        return forward(descriptors, locations, strides, feature, stride, window)
 
     model.mask_head.forward = spy
     losses = model(images, targets)
@@ -164,3 +166,76 @@ def test_upsampled_masks_are_trained_and_decoded_at_the_finer_stride(crowded_bat
         assert out["masks"].shape[1:] == image.shape[1:]
     with pytest.raises(ValueError, match="mask_upsample"):
         build_model(tiny_config(mask_upsample=3))
+
+
+def test_windows_are_centred_on_the_descriptor_and_clamped_inside_the_map():
+    # stride-4 map of 10 x 12 cells; 4 x 4 windows
+    locations = torch.tensor([[22.0, 18.0], [1.0, 1.0], [47.0, 39.0]])
+    window = MaskWindow.around(locations, 4, 10, 12, 4)
+    assert window.top.tolist() == [2, 0, 6]  # cell row 4 - 2; clamped at 0; 9 - 2 -> 10 - 4
+    assert window.left.tolist() == [3, 0, 8]
+    maps = torch.arange(3 * 10 * 12, dtype=torch.float32).view(3, 10, 12)
+    crops = window.crop(maps)
+    assert crops.shape == (3, 4, 4)
+    assert torch.equal(crops[0], maps[0, 2:6, 3:7])
+    assert torch.equal(window.crop(maps, torch.tensor([2, 2, 0]))[0], maps[2, 2:6, 3:7])
+    pasted = window.paste(crops, 10, 12, fill=-1.0)
+    inside = torch.zeros(3, 10, 12, dtype=torch.bool)
+    for i, (top, left) in enumerate(zip(window.top.tolist(), window.left.tolist())):
+        inside[i, top : top + 4, left : left + 4] = True
+    assert torch.equal(pasted[inside], maps[inside])
+    assert (pasted[~inside] == -1).all()
+    fine = window.scaled(2)
+    assert (fine.top.tolist(), fine.height) == ([4, 0, 12], 8)
+    # a window larger than the map is the whole map
+    whole = MaskWindow.around(locations, 32, 10, 12, 4)
+    assert (whole.height, whole.width, whole.top.tolist()) == (10, 12, [0, 0, 0])
+
+
+def test_dynamic_head_in_a_window_equals_the_whole_map_head_there():
+    torch.manual_seed(0)
+    head = DynamicMaskHead(descriptor_dim=12, feature_channels=6, channels=4, num_layers=3)
+    torch.nn.init.normal_(head.controller.weight, std=0.5)
+    descriptors = torch.randn(3, 12)
+    locations = torch.tensor([[2.0, 2.0], [14.0, 26.0], [30.0, 18.0]])
+    strides = torch.tensor([4.0, 4.0, 8.0])
+    feature = head.mask_input(torch.randn(1, 6, 9, 11))[0]
+    whole = head(descriptors, locations, strides, feature, 4)
+    window = MaskWindow.around(locations, 5, 9, 11, 4)
+    windowed = head(descriptors, locations, strides, feature, 4, window)
+    assert windowed.shape == (3, 5, 5)
+    assert torch.allclose(windowed, window.crop(whole), atol=1e-5)
+
+
+def test_windowed_masks_train_and_decode_and_only_the_dynamic_head_has_them(crowded_batch):
+    images, targets = crowded_batch
+    torch.manual_seed(0)
+    model = build_model(tiny_config(excavate=False, purify=False, mask_window=6,
+                                    mask_upsample=2))
+    whole = build_model(tiny_config(excavate=False, purify=False, mask_upsample=2))
+    whole.load_state_dict(model.state_dict())
+    mask_input = model.mask_head.mask_input(torch.randn(1, 32, 24, 24))[0]
+    descriptors = torch.randn(3, 32)
+    locations = torch.tensor([[40.0, 40.0], [8.0, 90.0], [50.0, 20.0]])
+    strides = torch.tensor([4.0, 4.0, 16.0])  # 6 x 4 px -> 6-cell windows; 6 x 16 px: whole
+    logits = model.masks(descriptors, locations, strides, mask_input)
+    reference = whole.masks(descriptors, locations, strides, mask_input)
+    assert logits.shape == reference.shape == (3, 48, 48)
+    inside = logits != OUTSIDE_WINDOW_LOGIT
+    assert inside[0].sum() == inside[1].sum() == 12 * 12  # 6 cells of B, upsampled x2
+    assert inside[2].all()
+    # same numbers inside the window, away from its border (bilinear edges differ)
+    assert torch.allclose(logits[0, 14:26, 14:26][1:-1, 1:-1],
+                          reference[0, 14:26, 14:26][1:-1, 1:-1], atol=1e-5)
+    assert torch.allclose(logits[2], reference[2], atol=1e-5)
+    losses = model.train()(images, targets)
+    losses["loss_mask"].backward()
+    assert torch.isfinite(losses["loss_mask"])
+    assert model.mask_head.controller.weight.grad.abs().sum() > 0
+    model.eval().set_inference_params(score_threshold=0.0, candidate_threshold=0.0)
+    with torch.no_grad():
+        outputs = model(images)
+    for image, out in zip(images, outputs):
+        assert out["masks"].shape[1:] == image.shape[1:]
+    with pytest.raises(ValueError, match="mask_window"):
+        build_model(tiny_config(mask_head="linear", mask_window=6))
