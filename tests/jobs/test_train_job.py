@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import mlflow
@@ -76,29 +74,16 @@ def test_existing_name_without_resume_is_refused(finished_job, tiny_coco, tiny_o
     assert "already exists" in capsys.readouterr().err
 
 
-def test_logged_model_loads_in_a_fresh_process_and_predicts(finished_job, tiny_coco):
+def test_logged_model_loads_in_a_fresh_process_and_predicts(
+    finished_job, tiny_coco, load_pyfunc_fresh
+):
     work, uri, client, run = finished_job
-    model_uri = run.data.tags["model_uri"]
     image = sorted((tiny_coco / "val" / "images").glob("*.jpg"))[0]
-    script = textwrap.dedent(
-        f"""
-        import mlflow, pandas as pd, torch
-        real_load = torch.load
-        def checked_load(*args, **kwargs):
-            assert kwargs.get("weights_only") is True, kwargs
-            return real_load(*args, **kwargs)
-        torch.load = checked_load
-        mlflow.set_tracking_uri({uri!r})
-        model = mlflow.pyfunc.load_model({model_uri!r})
-        assert model.metadata.signature is not None
-        out = model.predict(pd.DataFrame({{"image": [open({str(image)!r}, "rb").read()]}}))
-        print(list(out.columns), len(out), set(out["height"]) | set(out["width"]) or {{96}})
-        """
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=work
-    )
+    # no unpickling (models from code), weights read with weights_only=True
+    params = {"score_threshold": 0.0, "max_instances": 5}
+    done, report = load_pyfunc_fresh(uri, run.data.tags["model_uri"], image, params, cwd=work)
     assert done.returncode == 0, done.stderr[-3000:]
-    line = done.stdout.strip().splitlines()[-1]
-    assert line.startswith("['image_index', 'label', 'category', 'score'")
-    assert line.endswith("{96}")
+    assert report["signature"] and report["run_id"] == run.info.run_id
+    assert report["columns"][:4] == ["image_index", "label", "category", "score"]
+    assert len(report["rows"]) == 5
+    assert {(row["height"], row["width"]) for row in report["rows"]} == {(96, 96)}
