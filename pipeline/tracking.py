@@ -120,6 +120,20 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
+def metric_histories(
+    client: mlflow.MlflowClient, run_id: str, keys: list[str]
+) -> dict[str, list[tuple[int, float]]]:
+    """Every step of each metric of a run as sorted (step, value); where a step was logged
+    twice (an epoch repeated after a resume) the later value counts."""
+    histories = {}
+    for key in keys:
+        by_step = {}
+        for metric in sorted(client.get_metric_history(run_id, key), key=lambda m: m.timestamp):
+            by_step[int(metric.step)] = float(metric.value)
+        histories[key] = sorted(by_step.items())
+    return histories
+
+
 # ----------------------------------------------------------------------------- model
 
 
