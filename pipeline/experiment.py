@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from pep_model import Config, config_to_dict, load_checkpoint, save_config
-from pipeline import cluster, evaluate, inference, synth, tracking, visualize
+from pipeline import cluster, evaluate, inference, progress, synth, tracking, visualize
 from pipeline.coco import CategoryMap, decode_rles
 from pipeline.prepare import PrepareConfig, prepare, read_manifest
 from pipeline.train import CHECKPOINT_FILE, VALIDATION_CPUS, run_cpus, run_training
@@ -308,17 +308,22 @@ def train_and_evaluate(
     log_model: bool = True,
     overlays: int = 4,
     callbacks: list | None = None,
+    quiet: bool = False,
 ) -> ExperimentSummary:
     """Data, training (Ray Train), evaluation (Ray Data + COCOeval) and MLflow for one run.
 
     `callbacks` go to the TorchTrainer's RunConfig (the sweep passes Tune's
     `TuneReportCallback` here); `parent_run_id` nests the MLflow run under a sweep/ablation.
+    A line per epoch is logged (`pipeline.progress`); `quiet` keeps only the warnings and
+    errors of Ray Train (`run_training`) and, in a local Ray started here, of Ray Data and
+    MLflow (`cluster.init_ray`).
     """
     start = time.perf_counter()
     work_dir = Path(work_dir).resolve()
     # Joins RAY_ADDRESS (e.g. under `ray job submit`), else starts a local Ray sized for the run.
     cluster.init_ray(
-        num_cpus=cluster.local_cpus(run_cpus(cfg, num_workers or cfg.train.num_workers, validate))
+        num_cpus=cluster.local_cpus(run_cpus(cfg, num_workers or cfg.train.num_workers, validate)),
+        quiet=quiet,
     )
     splits = resolve_data(data, cfg, work_dir)
     if cfg.model.num_classes != splits.categories.num_classes:
@@ -374,18 +379,23 @@ def train_and_evaluate(
                 ray_remote_kwargs={"num_cpus": VALIDATION_CPUS, "scheduling_strategy": "DEFAULT"},
             )
         train_start = time.perf_counter()
-        trained = run_training(
-            cfg,
-            splits.train_shards,
-            storage_path=storage_path,
-            name=name,
-            resume=resume,
-            num_workers=num_workers,
-            use_gpu=use_gpu,
-            validation_config=validation,
-            mlflow_run=(run_id, tracking_uri),
-            callbacks=callbacks,
+        reporter = progress.EpochReporter(
+            mlflow.MlflowClient(tracking_uri), run_id, cfg.train.epochs
         )
+        with reporter:
+            trained = run_training(
+                cfg,
+                splits.train_shards,
+                storage_path=storage_path,
+                name=name,
+                resume=resume,
+                num_workers=num_workers,
+                use_gpu=use_gpu,
+                validation_config=validation,
+                mlflow_run=(run_id, tracking_uri),
+                callbacks=callbacks,
+                quiet=quiet,
+            )
         train_seconds = time.perf_counter() - train_start
         checkpoint = str(Path(trained.checkpoint_path) / CHECKPOINT_FILE)
 
