@@ -23,6 +23,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-workers", type=int, default=None, help="Ray Train workers")
     parser.add_argument("--name", default=None, help="run name (default: pep-<timestamp>)")
     parser.add_argument("--resume", action="store_true", help="continue the run --name")
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="keep Ray Train/Data's and MLflow's own logs and progress bars (a local Ray "
+        "started by the job hides them; one line per epoch is printed either way)",
+    )
     cli.add_run_flags(parser)
     return parser
 
@@ -50,6 +56,7 @@ def main(args: argparse.Namespace) -> int:
             use_gpu=args.use_gpu,
             tracking_uri=args.tracking_uri,
             experiment_name=args.experiment,
+            quiet=not args.verbose,
         )
     except (RunExistsError, experiment.DataError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -27,10 +27,10 @@ import torch
 from PIL import Image
 
 from pep_model import Config, config_to_dict, load_checkpoint, save_config
-from pipeline import cluster, evaluate, inference, synth, tracking, visualize
-from pipeline.coco import CategoryMap
+from pipeline import cluster, evaluate, inference, progress, synth, tracking, visualize
+from pipeline.coco import CategoryMap, decode_rles
 from pipeline.prepare import PrepareConfig, prepare, read_manifest
-from pipeline.train import CHECKPOINT_FILE, VALIDATION_CPUS, TrainingRun, run_cpus, run_training
+from pipeline.train import CHECKPOINT_FILE, VALIDATION_CPUS, run_cpus, run_training
 
 logger = logging.getLogger(__name__)
 
@@ -197,30 +197,51 @@ class ExperimentSummary:
         return "\n".join(lines)
 
 
+OVERLAY_MIN_SIZE = 384  # small images are drawn upscaled to this longer side
+
+
 def _overlays(checkpoint: str, val_shards: str, categories: CategoryMap, out_dir: Path, n: int):
-    """Draw predictions on the first `n` val images (PNG files in `out_dir`)."""
+    """Ground truth beside the predictions on the first `n` val images (PNG files in
+    `out_dir`), upscaled by an integer factor when small so that the captions are readable."""
     model, _ = load_checkpoint(checkpoint)
     model.eval()
     names = {k + 1: name for k, name in enumerate(categories.names)}
     shard_files = sorted(Path(val_shards).glob("shard-*.parquet"))
-    table = pq.read_table(shard_files[0], columns=["image_id", "image"]).slice(0, n)
+    columns = ["image_id", "image", "height", "width", "labels", "boxes", "iscrowd", "masks"]
+    table = pq.read_table(shard_files[0], columns=columns).slice(0, n)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for row in table.to_pylist():
         image = np.asarray(Image.open(io.BytesIO(row["image"])).convert("RGB"))
+        scale = visualize.upscale_factor(row["height"], row["width"], OVERLAY_MIN_SIZE)
+        keep = [k for k, crowd in enumerate(row["iscrowd"]) if not crowd]
+        truth = visualize.draw_overlay(
+            image,
+            decode_rles([row["masks"][k] for k in keep], row["height"], row["width"]) > 0,
+            [row["labels"][k] for k in keep],
+            None,
+            np.array([row["boxes"][k] for k in keep], dtype=np.float64).reshape(-1, 4),
+            names,
+            scale=scale,
+        )
         tensor = torch.from_numpy(image.copy()).permute(2, 0, 1).float() / 255
         with torch.inference_mode():
             (pred,) = model([tensor])
-        overlay = visualize.draw_overlay(
+        predicted = visualize.draw_overlay(
             image,
             pred["masks"].numpy(),
             pred["labels"].tolist(),
             pred["scores"].tolist(),
             pred["boxes"].numpy(),
             names,
+            scale=scale,
         )
+        panels = {
+            f"ground truth ({len(keep)})": truth,
+            f"prediction ({len(pred['scores'])})": predicted,
+        }
         path = out_dir / f"overlay_{row['image_id']}.png"
-        overlay.save(path)
+        visualize.side_by_side(panels).save(path)
         paths.append(path)
     return paths
 
@@ -232,16 +253,42 @@ def _input_example(val_shards: str) -> pd.DataFrame:
     return pd.DataFrame({"image": [row["image"]]})
 
 
-def _loss_plot(result: TrainingRun, path: Path) -> Path | None:
-    frame = result.result.metrics_dataframe
-    if frame is None or frame.empty:
-        return None
-    series = {
-        col: list(zip(frame["epoch"].astype(int), frame[col].astype(float)))
-        for col in frame.columns
-        if col.startswith("loss")
+VAL_CURVES = ("val/segm/AP", "val/segm/AP50", "val/bbox/AP")
+
+
+def training_curves(
+    client: mlflow.MlflowClient, run_id: str
+) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    """The run's per-epoch curves from its MLflow metric history (every epoch, also those
+    whose checkpoints Ray Train no longer keeps): {"losses": {loss term: [(epoch, value)]},
+    "val": {val metric: [(epoch, value)]}}, epochs counted from 1."""
+    logged = client.get_run(run_id).data.metrics
+    groups = {
+        "losses": [key for key in logged if key.startswith("loss")],
+        "val": [key for key in VAL_CURVES if key in logged],
     }
-    return visualize.plot_curves(series, path, "training losses per epoch", "epoch")
+    return {
+        group: {
+            key: [(step + 1, value) for step, value in points]
+            for key, points in tracking.metric_histories(client, run_id, keys).items()
+        }
+        for group, keys in groups.items()
+    }
+
+
+def _plot_training_curves(client: mlflow.MlflowClient, run_id: str, out_dir: Path) -> list[Path]:
+    """losses.png, val_ap.png (when validation ran) and curves.json, the data they show."""
+    curves = training_curves(client, run_id)
+    titles = {
+        "losses": ("losses.png", "training losses per epoch"),
+        "val": ("val_ap.png", "validation AP per epoch (beside training)"),
+    }
+    paths = [out_dir / "curves.json"]
+    paths[0].write_text(json.dumps(curves, indent=1))
+    for group, (file_name, title) in titles.items():
+        if any(curves[group].values()):
+            paths.append(visualize.plot_curves(curves[group], out_dir / file_name, title, "epoch"))
+    return paths
 
 
 def train_and_evaluate(
@@ -261,17 +308,22 @@ def train_and_evaluate(
     log_model: bool = True,
     overlays: int = 4,
     callbacks: list | None = None,
+    quiet: bool = False,
 ) -> ExperimentSummary:
     """Data, training (Ray Train), evaluation (Ray Data + COCOeval) and MLflow for one run.
 
     `callbacks` go to the TorchTrainer's RunConfig (the sweep passes Tune's
     `TuneReportCallback` here); `parent_run_id` nests the MLflow run under a sweep/ablation.
+    A line per epoch is logged (`pipeline.progress`); `quiet` keeps only the warnings and
+    errors of Ray Train (`run_training`) and, in a local Ray started here, of Ray Data and
+    MLflow (`cluster.init_ray`).
     """
     start = time.perf_counter()
     work_dir = Path(work_dir).resolve()
     # Joins RAY_ADDRESS (e.g. under `ray job submit`), else starts a local Ray sized for the run.
     cluster.init_ray(
-        num_cpus=cluster.local_cpus(run_cpus(cfg, num_workers or cfg.train.num_workers, validate))
+        num_cpus=cluster.local_cpus(run_cpus(cfg, num_workers or cfg.train.num_workers, validate)),
+        quiet=quiet,
     )
     splits = resolve_data(data, cfg, work_dir)
     if cfg.model.num_classes != splits.categories.num_classes:
@@ -327,18 +379,23 @@ def train_and_evaluate(
                 ray_remote_kwargs={"num_cpus": VALIDATION_CPUS, "scheduling_strategy": "DEFAULT"},
             )
         train_start = time.perf_counter()
-        trained = run_training(
-            cfg,
-            splits.train_shards,
-            storage_path=storage_path,
-            name=name,
-            resume=resume,
-            num_workers=num_workers,
-            use_gpu=use_gpu,
-            validation_config=validation,
-            mlflow_run=(run_id, tracking_uri),
-            callbacks=callbacks,
+        reporter = progress.EpochReporter(
+            mlflow.MlflowClient(tracking_uri), run_id, cfg.train.epochs
         )
+        with reporter:
+            trained = run_training(
+                cfg,
+                splits.train_shards,
+                storage_path=storage_path,
+                name=name,
+                resume=resume,
+                num_workers=num_workers,
+                use_gpu=use_gpu,
+                validation_config=validation,
+                mlflow_run=(run_id, tracking_uri),
+                callbacks=callbacks,
+                quiet=quiet,
+            )
         train_seconds = time.perf_counter() - train_start
         checkpoint = str(Path(trained.checkpoint_path) / CHECKPOINT_FILE)
 
@@ -390,8 +447,8 @@ def train_and_evaluate(
             if metrics.get("pr_curve"):
                 evaluate.plot_pr_curve(metrics["pr_curve"], tmp / "segm_pr_curve.png")
                 mlflow.log_artifact(str(tmp / "segm_pr_curve.png"), "plots")
-            if _loss_plot(trained, tmp / "losses.png"):
-                mlflow.log_artifact(str(tmp / "losses.png"), "plots")
+            for path in _plot_training_curves(mlflow.MlflowClient(tracking_uri), run_id, tmp):
+                mlflow.log_artifact(str(path), "plots")
             if overlays:
                 for path in _overlays(
                     checkpoint, splits.val_shards, splits.categories, tmp / "overlays", overlays

@@ -1,8 +1,10 @@
 """MLflow helpers: where runs go, what a run records, and the logged PEP model.
 
-The logged model is an `mlflow.pyfunc` model whose artifact is a plain checkpoint
-(state_dict + config, read with `weights_only=True`), not a pickled module, so a fresh
-process loads it with `mlflow.pyfunc.load_model(uri)` and predicts on encoded images.
+The logged model is an `mlflow.pyfunc` model logged from code (`pipeline/pep_pyfunc.py`,
+MLflow's models-from-code) whose artifact is a plain checkpoint (state_dict + config, read
+with `weights_only=True`): nothing is pickled, so a fresh process loads it with
+`mlflow.pyfunc.load_model(uri)` without unpickling any Python object and predicts on encoded
+images.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 from mlflow.models import ModelSignature
-from mlflow.types import ColSpec, Schema
+from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
 logger = logging.getLogger(__name__)
 
@@ -118,6 +120,20 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
+def metric_histories(
+    client: mlflow.MlflowClient, run_id: str, keys: list[str]
+) -> dict[str, list[tuple[int, float]]]:
+    """Every step of each metric of a run as sorted (step, value); where a step was logged
+    twice (an epoch repeated after a resume) the later value counts."""
+    histories = {}
+    for key in keys:
+        by_step = {}
+        for metric in sorted(client.get_metric_history(run_id, key), key=lambda m: m.timestamp):
+            by_step[int(metric.step)] = float(metric.value)
+        histories[key] = sorted(by_step.items())
+    return histories
+
+
 # ----------------------------------------------------------------------------- model
 
 
@@ -137,6 +153,12 @@ OUTPUT_SCHEMA = Schema(
         ColSpec("string", "mask_rle"),
     ]
 )
+# Post-processing settings a caller may pass as `predict(frame, params={...})`; their
+# defaults are the checkpoint's own.
+PARAMS = (("score_threshold", "double"), ("max_instances", "long"))
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+MODEL_CODE = Path(__file__).resolve().with_name("pep_pyfunc.py")  # the models-from-code file
 
 
 class PEPPyfunc(mlflow.pyfunc.PythonModel):
@@ -144,7 +166,13 @@ class PEPPyfunc(mlflow.pyfunc.PythonModel):
 
     Input: column `image` with encoded image bytes (JPEG/PNG). Output columns: image_index,
     label (contiguous class id), category (name), score, box x0 y0 x1 y1, the image's
-    height/width and the binary mask as COCO compressed RLE (`mask_rle`).
+    height/width and the binary mask as COCO compressed RLE (`mask_rle`). Params (`PARAMS`):
+    `score_threshold`, `max_instances`.
+
+    `pep_pyfunc.py` instantiates it for models logged from code. Models logged before that
+    hold a pickled instance that names this class (`pipeline.tracking.PEPPyfunc`): MLflow
+    still loads them by unpickling, so the class keeps its name and has no state of its own
+    beyond what `load_context` sets.
     """
 
     def load_context(self, context) -> None:
@@ -152,6 +180,7 @@ class PEPPyfunc(mlflow.pyfunc.PythonModel):
 
         self.model, self.config = load_checkpoint(context.artifacts["checkpoint"])
         self.model.eval()
+        self.defaults = {name: getattr(self.config.model, name) for name, _ in PARAMS}
         with open(context.artifacts["categories"]) as f:
             self.categories = {int(k): v for k, v in json.load(f).items()}
 
@@ -160,6 +189,10 @@ class PEPPyfunc(mlflow.pyfunc.PythonModel):
         from PIL import Image
         from pycocotools import mask as mask_utils
 
+        params = params or {}
+        self.model.set_inference_params(
+            **{name: params.get(name, default) for name, default in self.defaults.items()}
+        )
         rows = []
         for index, data in enumerate(model_input["image"]):
             image = Image.open(io.BytesIO(data)).convert("RGB")
@@ -197,17 +230,31 @@ def log_pep_model(
     name: str = "model",
     input_example: pd.DataFrame | None = None,
 ) -> mlflow.models.model.ModelInfo:
-    """Log the checkpoint as a pyfunc model (with signature) in the active run."""
+    """Log the checkpoint as a pyfunc model (with signature) in the active run.
+
+    The model is logged from code (`MODEL_CODE`) with the pep_model and pipeline packages
+    beside it (`code_paths`), so it loads without this project installed and without pickle.
+    """
     with tempfile.TemporaryDirectory() as tmp:
         categories_path = Path(tmp) / "categories.json"
         categories_path.write_text(json.dumps({str(k): v for k, v in categories.items()}))
         return mlflow.pyfunc.log_model(
             name=name,
-            python_model=PEPPyfunc(),
+            python_model=str(MODEL_CODE),
             artifacts={"checkpoint": str(checkpoint_path), "categories": str(categories_path)},
-            signature=ModelSignature(inputs=INPUT_SCHEMA, outputs=OUTPUT_SCHEMA),
+            signature=ModelSignature(
+                inputs=INPUT_SCHEMA, outputs=OUTPUT_SCHEMA, params=_param_schema(checkpoint_path)
+            ),
             input_example=input_example,
-            code_paths=[
-                str(Path(__file__).resolve().parent.parent / d) for d in ("pep_model", "pipeline")
-            ],
+            code_paths=[str(PROJECT_ROOT / d) for d in ("pep_model", "pipeline")],
         )
+
+
+def _param_schema(checkpoint_path: str | Path) -> ParamSchema:
+    """`PARAMS` with the checkpoint's own values as defaults."""
+    from pep_model import checkpoint_config, read_checkpoint
+
+    model_config = checkpoint_config(read_checkpoint(checkpoint_path)["config"]).model
+    return ParamSchema(
+        [ParamSpec(name, dtype, getattr(model_config, name)) for name, dtype in PARAMS]
+    )

@@ -248,6 +248,14 @@ def train_one_epoch(
     return metrics
 
 
+def _quiet_report_log() -> None:
+    """Ray Train logs every report's TrainingReport (metrics and checkpoint) at INFO under a
+    logger named after its file, outside `ray.train` (so `LoggingConfig` misses it)."""
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """The per-worker training loop (Ray Train V2)."""
     cfg = config_from_dict(loop_config["config"])
@@ -257,6 +265,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         check_storage_probe(
             loop_config["storage_path"], loop_config["name"], loop_config["probe_token"], rank
         )
+    if loop_config.get("quiet"):
+        _quiet_report_log()
     torch.manual_seed(cfg.train.seed + rank)
     # Ray sets OMP_NUM_THREADS to the worker's CPUs; torch may have read it before that.
     torch.set_num_threads(max(1, cfg.train.cpus_per_worker))
@@ -343,11 +353,14 @@ def run_training(
     validation_config: ray.train.v2.api.validation_config.ValidationConfig | None = None,
     callbacks: list | None = None,
     mlflow_run: tuple[str, str] | None = None,
+    quiet: bool = False,
 ) -> TrainingRun:
     """Train PEP on the shards in `train_shards` with a TorchTrainer.
 
     Refuses to reuse `storage_path/name` unless `resume` is set; with `resume` Ray Train
     restores the run's last checkpoint (`ray.train.get_checkpoint()` in the workers).
+    `quiet`: Ray Train's controller and workers log only warnings and errors (no per-report
+    TrainingReport dumps or checkpoint notices).
     """
     num_workers = num_workers or cfg.train.num_workers
     gpu = resolve_use_gpu(cfg.train.use_gpu if use_gpu is None else use_gpu)
@@ -384,6 +397,7 @@ def run_training(
             "probe_token": token,
             "validate": validation_config is not None,
             "mlflow_run": mlflow_run,
+            "quiet": quiet,
         },
         scaling_config=ScalingConfig(
             num_workers=num_workers,
@@ -397,6 +411,7 @@ def run_training(
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             callbacks=callbacks,
+            logging_config=ray.train.LoggingConfig(log_level="WARNING" if quiet else "INFO"),
         ),
         datasets={"train": dataset},
         validation_config=validation_config,

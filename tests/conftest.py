@@ -6,7 +6,10 @@ may shut the local instance down; `ray_session` and `tiny_shards` start it again
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -109,3 +112,56 @@ def tiny_shards(local_ray, tiny_coco, tmp_path_factory):
             PrepareConfig(max_size=96),
         )
     return root
+
+
+# Loads an MLflow pyfunc model in a fresh Python and predicts one image; prints the rows as
+# JSON. argv: tracking URI, model URI, image file, params JSON, "refuse-pickle" or "allow".
+# With "refuse-pickle", any unpickling raises; torch.load must always be weights_only.
+_LOAD_PYFUNC = """
+import json, pickle, sys
+import cloudpickle, mlflow, pandas as pd, torch
+
+tracking_uri, model_uri, image, params, mode = sys.argv[1:]
+if mode == "refuse-pickle":
+    def refuse(*args, **kwargs):
+        raise RuntimeError("unpickling refused by the test")
+    cloudpickle.load = cloudpickle.loads = pickle.load = pickle.loads = refuse
+real_load = torch.load
+def checked_load(*args, **kwargs):
+    assert kwargs.get("weights_only") is True, kwargs
+    return real_load(*args, **kwargs)
+torch.load = checked_load
+
+mlflow.set_tracking_uri(tracking_uri)
+model = mlflow.pyfunc.load_model(model_uri)
+with open(image, "rb") as f:
+    out = model.predict(pd.DataFrame({"image": [f.read()]}), params=json.loads(params))
+print(json.dumps({
+    "columns": list(out.columns),
+    "rows": out.to_dict(orient="records"),
+    "run_id": model.metadata.run_id,
+    "signature": model.metadata.signature is not None,
+    "code": sys.modules["pipeline.tracking"].__file__,
+}))
+"""
+
+
+@pytest.fixture(scope="session")
+def load_pyfunc_fresh():
+    """Factory: load an MLflow model in a fresh process and predict one image.
+
+    Returns the subprocess result and, when it succeeded, its JSON report (columns, rows,
+    run_id, signature, code: the file the model's `pipeline.tracking` was imported from).
+    """
+
+    def run(tracking_uri, model_uri, image, params=None, refuse_pickle=True, env=None, cwd=None):
+        mode = "refuse-pickle" if refuse_pickle else "allow"
+        argv = [tracking_uri, model_uri, str(image), json.dumps(params or {}), mode]
+        done = subprocess.run(
+            [sys.executable, "-c", _LOAD_PYFUNC, *argv],
+            capture_output=True, text=True, timeout=300, env=env, cwd=cwd,
+        )  # fmt: skip
+        report = json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else None
+        return done, report
+
+    return run

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import mlflow
@@ -185,7 +184,9 @@ def test_bad_input_names_the_run_or_experiment(store, capsys):
     assert f"run {'0' * 32}: not found" in capsys.readouterr().err
 
 
-def test_champion_loads_in_a_fresh_process_and_predicts(store, tiny_coco, tmp_path):
+def test_champion_loads_in_a_fresh_process_and_predicts(
+    store, tiny_coco, tmp_path, load_pyfunc_fresh
+):
     uri, runs, _ = store
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     done = subprocess.run(
@@ -196,18 +197,9 @@ def test_champion_loads_in_a_fresh_process_and_predicts(store, tiny_coco, tmp_pa
     assert done.returncode == 0, done.stderr[-3000:]
     assert "FIRST_CHAMPION" in done.stdout and "@champion -> version 1" in done.stdout
     image = sorted((tiny_coco / "val" / "images").glob("*.jpg"))[0]
-    script = textwrap.dedent(
-        f"""
-        import mlflow, pandas as pd
-        mlflow.set_tracking_uri({uri!r})
-        model = mlflow.pyfunc.load_model("models:/served@champion")
-        out = model.predict(pd.DataFrame({{"image": [open({str(image)!r}, "rb").read()]}}))
-        print(list(out.columns)[:4], len(out) >= 0, model.metadata.run_id)
-        """
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=tmp_path
-    )
+    # loads without unpickling anything (models from code), predicts with the served params
+    params = {"score_threshold": 0.0, "max_instances": 2}
+    done, report = load_pyfunc_fresh(uri, "models:/served@champion", image, params, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    line = done.stdout.strip().splitlines()[-1]
-    assert line == f"['image_index', 'label', 'category', 'score'] True {runs['A']}"
+    assert report["columns"][:4] == ["image_index", "label", "category", "score"]
+    assert report["run_id"] == runs["A"] and len(report["rows"]) == 2

@@ -1,0 +1,30 @@
+"""pipeline.progress: the driver's line per epoch, read from a real MLflow run's history."""
+
+from __future__ import annotations
+
+import logging
+
+import mlflow
+
+from pipeline.progress import EpochReporter
+
+
+def test_one_line_per_epoch_with_losses_speed_val_ap_and_eta(tmp_path, caplog):
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_id = client.create_run(client.create_experiment("progress")).info.run_id
+    client.log_metric(run_id, "loss", 9.0, step=0)  # an epoch of an earlier attempt (resume)
+    with caplog.at_level(logging.INFO, logger="pipeline.progress"):
+        with EpochReporter(client, run_id, epochs=4, poll_s=60):
+            for step, (loss, mask) in enumerate([(8.0, 1.5), (7.0, 1.25), (6.0, 1.0)], start=1):
+                client.log_metric(run_id, "loss", loss, step=step)
+                client.log_metric(run_id, "loss_mask", mask, step=step)
+                client.log_metric(run_id, "images_per_s", 2.5, step=step)
+            client.log_metric(run_id, "val/segm/AP", 0.125, step=1)
+            client.log_metric(run_id, "val/segm/AP", 0.25, step=3)
+    lines = [r.getMessage() for r in caplog.records if r.name == "pipeline.progress"]
+    # the validation of epoch 2 had arrived when epoch 2's line was written
+    assert lines[0].startswith("epoch 2/4  loss 8.00 (mask 1.50)  2.5 img/s  val segm AP 0.125 @2")
+    assert " ETA " in lines[0] and " ETA " in lines[1]
+    assert lines[1].startswith("epoch 3/4  loss 7.00 (mask 1.25)  2.5 img/s  val segm AP 0.125 @2")
+    assert lines[2] == "epoch 4/4  loss 6.00 (mask 1.00)  2.5 img/s  val segm AP 0.250 @4  done"
+    assert len(lines) == 3  # no separate validation line: each one showed in an epoch line
