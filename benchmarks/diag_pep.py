@@ -201,7 +201,7 @@ def mask_quality(model: PEP, shards: str, data_cfg) -> str:
 
 
 def mask_loss_split(model: PEP, batches) -> dict[str, float]:
-    """Training's mask loss (Eq. 7, BCE + Dice per descriptor) over `batches` of
+    """Training's mask loss (Eq. 7 per descriptor, `model.mask_loss`) over `batches` of
     (images, targets), split into original and mined descriptors: how many of each and
     their mean loss. Needs a model with excavating."""
     per_image: list[Tensor] = []  # each image's N_all = N_ori + K losses, in order
@@ -219,19 +219,21 @@ def mask_loss_split(model: PEP, batches) -> dict[str, float]:
 
     original, mined_losses = [], []
     model.train()
-    with (
-        mock.patch.object(model, "mask_losses", record_losses),
-        mock.patch.object(model.excavating, "mine", count_mined),
-        torch.no_grad(),
-    ):
-        for images, targets in batches:
-            per_image.clear()
-            mined.clear()
-            model(images, targets)
-            for losses, k in zip(per_image, mined):
-                original.append(losses[: len(losses) - k])
-                mined_losses.append(losses[len(losses) - k :])
-    model.eval()
+    try:
+        with (
+            mock.patch.object(model, "mask_losses", record_losses),
+            mock.patch.object(model.excavating, "mine", count_mined),
+            torch.no_grad(),
+        ):
+            for images, targets in batches:
+                per_image.clear()
+                mined.clear()
+                model(images, targets)
+                for losses, k in zip(per_image, mined):
+                    original.append(losses[: len(losses) - k])
+                    mined_losses.append(losses[len(losses) - k :])
+    finally:
+        model.eval()
     o, m = torch.cat(original), torch.cat(mined_losses)
     return {
         "original": len(o),
@@ -273,7 +275,7 @@ def main(args: argparse.Namespace) -> None:
         print(
             f"training mask loss, first 10 training batches: {split['original']} original "
             f"descriptors, {split['mined']} mined ({split['mined'] / max(1, total):.0%} of the "
-            f"loss's terms); mean BCE + Dice per descriptor: original "
+            f"loss's terms); mean mask loss per descriptor: original "
             f"{split['original_loss']:.3f}, mined {split['mined_loss']:.3f}"
         )
 

@@ -15,11 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pep_model.perceiving import (
-    add_coordinates,
-    conv_gn_relu,
-    relative_coordinates,
-)
+from pep_model.perceiving import add_coordinates, conv_gn_relu, relative_coordinates
 
 
 class MaskFeature(nn.Module):
@@ -66,8 +62,10 @@ class MaskWindow:
     """Windows of one size on an h x w map, one per descriptor (`model.mask_window`).
 
     A descriptor of a level with stride s describes an object of about 12 s pixels or less
-    (the scale ranges), so its mask is computed and trained only in a square of `side` cells
-    around its location, clamped inside the map; outside it the mask is background. This is
+    (the scale ranges bound sqrt(box area), so a long thin object can reach past its
+    window), so its mask is computed and trained only in a square of `side` cells around its
+    location (centred on its cell; with an even side one cell more lies above and left),
+    clamped inside the map; outside it the mask is background. This is
     the "mask stride each object needs" lever: the small objects' masks cost a window, not
     the whole image, so they can be predicted at a finer stride.
 
@@ -115,12 +113,13 @@ class MaskWindow:
             index = torch.arange(maps.shape[0], device=maps.device)
         return maps[index[:, None, None], rows[:, :, None], cols[:, None, :]]
 
-    def paste(self, windows: Tensor, height: int, width: int, fill: float = 0.0) -> Tensor:
-        """N x height x width window values into N x h x w maps filled with `fill` elsewhere."""
-        out = windows.new_full((windows.shape[0], height, width), fill)
+    def paste(self, windows: Tensor, out: Tensor, index: Tensor | None = None) -> Tensor:
+        """Write N x height x width window values into maps out[index[i]] (out[i] without
+        `index`) of an M x h x w tensor, in place; returns `out`."""
         rows, cols = self._cells()
-        index = torch.arange(windows.shape[0], device=windows.device)[:, None, None]
-        out[index, rows[:, :, None], cols[:, None, :]] = windows
+        if index is None:
+            index = torch.arange(windows.shape[0], device=windows.device)
+        out[index[:, None, None], rows[:, :, None], cols[:, None, :]] = windows.to(out.dtype)
         return out
 
     def relative_coordinates(
@@ -283,14 +282,6 @@ def per_mask_loss(logits: Tensor, targets: Tensor, kind: str = "bce") -> Tensor:
     if kind in ("dice", "bce_dice"):
         loss = loss + dice_loss(logits, targets)
     return loss
-
-
-def mask_loss(logits: Tensor, targets: Tensor, kind: str = "bce") -> Tensor:
-    """Eq. 7 averaged over the N_all descriptors (`per_mask_loss`'s mean; 0 for none)."""
-    if logits.shape[0] == 0:
-        per_mask_loss(logits, targets, kind)  # still refuses an unknown kind
-        return logits.sum() * 0
-    return per_mask_loss(logits, targets, kind).mean()
 
 
 def downsample_masks(masks: Tensor, stride: int) -> Tensor:

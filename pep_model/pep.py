@@ -173,13 +173,21 @@ class PEP(nn.Module):
         return self.config.mask_stride // self.config.mask_upsample
 
     def mask_windows(
-        self, descriptors: Tensor, locations: Tensor, loc_strides: Tensor, mask_input: Tensor
+        self,
+        descriptors: Tensor,
+        locations: Tensor,
+        loc_strides: Tensor,
+        mask_input: Tensor,
+        num_windowed: int | None = None,
     ) -> list[tuple[Tensor, MaskWindow | None, Tensor]]:
         """Eq. 6 for one image, inside each descriptor's window (`model.mask_window`).
 
         Args:
             descriptors: N x D at N x 2 pixel locations, of N level strides.
             mask_input: the image's `mask_head.mask_input` of B, c x h x w.
+            num_windowed: only the first this many descriptors get windows (the original
+                ones: a mined descriptor carries its original's level, not its own object's,
+                so its mask takes the whole map); None: all.
         Returns:
             Groups of descriptors sharing a window size: (their indices into the N, their
             windows at `mask_output_stride` or None for the whole map, their mask logits
@@ -189,17 +197,19 @@ class PEP(nn.Module):
         cfg = self.config
         _, h, w = mask_input.shape
         n = descriptors.shape[0]
+        windowed = n if num_windowed is None else num_windowed
+        if cfg.mask_window <= 0:
+            windowed = 0
         groups: list[tuple[Tensor, MaskWindow | None]] = []
-        if cfg.mask_window > 0 and n > 0:
-            for stride in loc_strides.unique().tolist():
-                index = (loc_strides == stride).nonzero().squeeze(1)
-                side = math.ceil(cfg.mask_window * stride / cfg.mask_stride)
-                window = None if side >= max(h, w) else MaskWindow.around(
-                    locations[index], side, h, w, cfg.mask_stride
-                )
-                groups.append((index, window))
-        else:
-            groups.append((torch.arange(n, device=descriptors.device), None))
+        for stride in loc_strides[:windowed].unique().tolist():
+            index = (loc_strides[:windowed] == stride).nonzero().squeeze(1)
+            side = math.ceil(cfg.mask_window * stride / cfg.mask_stride)
+            window = None if side >= max(h, w) else MaskWindow.around(
+                locations[index], side, h, w, cfg.mask_stride
+            )
+            groups.append((index, window))
+        if windowed < n or n == 0:
+            groups.append((torch.arange(windowed, n, device=descriptors.device), None))
         up = cfg.mask_upsample
         out = []
         for index, window in groups:
@@ -217,20 +227,26 @@ class PEP(nn.Module):
         return out
 
     def masks(
-        self, descriptors: Tensor, locations: Tensor, loc_strides: Tensor, mask_input: Tensor
+        self,
+        descriptors: Tensor,
+        locations: Tensor,
+        loc_strides: Tensor,
+        mask_input: Tensor,
+        num_windowed: int | None = None,
     ) -> Tensor:
         """Eq. 6 for one image on the whole map: N x h x w mask logits at
         `mask_output_stride` (B's h x w times `mask_upsample`); outside a descriptor's window
-        the logit is OUTSIDE_WINDOW_LOGIT."""
+        the logit is OUTSIDE_WINDOW_LOGIT. `num_windowed`: see `mask_windows`."""
         up = self.config.mask_upsample
         h, w = mask_input.shape[-2] * up, mask_input.shape[-1] * up
         out = mask_input.new_full((descriptors.shape[0], h, w), OUTSIDE_WINDOW_LOGIT)
         for index, window, logits in self.mask_windows(
-            descriptors, locations, loc_strides, mask_input
+            descriptors, locations, loc_strides, mask_input, num_windowed
         ):
-            out[index] = logits if window is None else window.paste(
-                logits, h, w, OUTSIDE_WINDOW_LOGIT
-            )
+            if window is None:
+                out[index] = logits.to(out.dtype)
+            else:
+                window.paste(logits, out, index)
         return out
 
     def mask_losses(
@@ -241,33 +257,40 @@ class PEP(nn.Module):
         mask_input: Tensor,
         gt_masks: Tensor,
         instance_ids: Tensor,
-        detach_from: int | None = None,
+        num_originals: int | None = None,
+        detach_mined: bool = False,
     ) -> Tensor:
-        """Eq. 7 for each of one image's N descriptors, in their order: N.
+        """Eq. 7 for each of one image's N descriptors, in their order: N (float32).
 
         Args:
             gt_masks: the image's M instance masks at `mask_output_stride` (area fractions).
             instance_ids: N, the instance each descriptor is trained towards.
-            detach_from: descriptors from this index on see B detached (the mined ones when
-                `mined_mask_trains_feature` is false).
+            num_originals: the first this many descriptors are original ones, the rest mined
+                (windows: see `mask_windows`); None: all original.
+            detach_mined: the mined descriptors see B detached (`mined_mask_trains_feature`
+                false).
         """
         n = descriptors.shape[0]
-        losses = mask_input.new_zeros(n)
-        parts = [(0, n, mask_input)]
-        if detach_from is not None:
-            parts = [(0, detach_from, mask_input), (detach_from, n, mask_input.detach())]
-        for start, end, feature in parts:
+        n_ori = n if num_originals is None else num_originals
+        parts = [(0, n, mask_input, n_ori)]
+        if detach_mined:
+            parts = [(0, n_ori, mask_input, n_ori), (n_ori, n, mask_input.detach(), 0)]
+        indices, losses = [], []
+        for start, end, feature, windowed in parts:
             ids = instance_ids[start:end]
             for index, window, logits in self.mask_windows(
-                descriptors[start:end], locations[start:end], loc_strides[start:end], feature
+                descriptors[start:end], locations[start:end], loc_strides[start:end], feature,
+                windowed,
             ):
                 targets = (
                     gt_masks[ids[index]] if window is None else window.crop(gt_masks, ids[index])
                 )
-                losses = losses.index_put(
-                    (index + start,), per_mask_loss(logits, targets, self.config.mask_loss)
-                )
-        return losses
+                indices.append(index + start)
+                losses.append(per_mask_loss(logits.float(), targets, self.config.mask_loss))
+        if not losses:
+            return mask_input.new_zeros(0, dtype=torch.float32)
+        order = torch.cat(indices).argsort()
+        return torch.cat(losses)[order]
 
     # ------------------------------------------------------------------ training
     def losses(
@@ -356,13 +379,9 @@ class PEP(nn.Module):
                 loc_strides = torch.cat([loc_strides, loc_strides[orig]])
                 instance_ids = torch.cat([instance_ids, target_ids])
 
-            detach_from = (
-                descriptors.shape[0] - mined.shape[0]
-                if self.excavating is not None and not cfg.mined_mask_trains_feature else None
-            )
             mask_losses.append(self.mask_losses(
                 descriptors, locations, loc_strides, mask_inputs[b], gt_small, instance_ids,
-                detach_from,
+                pos.numel(), self.excavating is not None and not cfg.mined_mask_trains_feature,
             ))  # N_all
 
             if self.purifying is not None:
@@ -450,7 +469,8 @@ class PEP(nn.Module):
                 scores = torch.cat([scores, mined[3]])
                 labels = torch.cat([labels, mined[4]])
             results.append(self.postprocess(
-                descriptors, locations, loc_strides, scores, labels, mask_inputs[b], height, width
+                descriptors, locations, loc_strides, scores, labels, mask_inputs[b], height, width,
+                keep.numel(),
             ))
         return results
 
@@ -508,6 +528,7 @@ class PEP(nn.Module):
         feature: Tensor,
         height: int,
         width: int,
+        num_originals: int | None = None,
     ) -> dict[str, Tensor]:
         """Masks, duplicate removal (purifying groups or Matrix NMS), rescoring, resizing.
 
@@ -516,6 +537,8 @@ class PEP(nn.Module):
                 strides; scores, labels: N_all.
             feature: the image's mask input (`mask_head.mask_input` of B), c x h x w.
             height, width: the image's size (before padding).
+            num_originals: the first this many descriptors are original, the rest mined
+                (None: all original); see `mask_windows`.
         """
         cfg = self.config
         device = feature.device
@@ -523,7 +546,9 @@ class PEP(nn.Module):
             return _empty_result(height, width, device)
         ms = self.mask_output_stride
         vh, vw = math.ceil(height / ms), math.ceil(width / ms)
-        probs = self.masks(descriptors, locations, loc_strides, feature)[:, :vh, :vw].sigmoid()
+        probs = self.masks(
+            descriptors, locations, loc_strides, feature, num_originals
+        )[:, :vh, :vw].sigmoid()
         if self.purifying is not None:
             similarity = self.purifying(descriptors, locations, loc_strides).sigmoid()  # N x N
             groups = group_by_similarity(similarity, scores, cfg.purify_threshold)

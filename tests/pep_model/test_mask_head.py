@@ -179,7 +179,7 @@ def test_windows_are_centred_on_the_descriptor_and_clamped_inside_the_map():
     assert crops.shape == (3, 4, 4)
     assert torch.equal(crops[0], maps[0, 2:6, 3:7])
     assert torch.equal(window.crop(maps, torch.tensor([2, 2, 0]))[0], maps[2, 2:6, 3:7])
-    pasted = window.paste(crops, 10, 12, fill=-1.0)
+    pasted = window.paste(crops, torch.full((3, 10, 12), -1.0))
     inside = torch.zeros(3, 10, 12, dtype=torch.bool)
     for i, (top, left) in enumerate(zip(window.top.tolist(), window.left.tolist())):
         inside[i, top : top + 4, left : left + 4] = True
@@ -239,3 +239,24 @@ def test_windowed_masks_train_and_decode_and_only_the_dynamic_head_has_them(crow
         assert out["masks"].shape[1:] == image.shape[1:]
     with pytest.raises(ValueError, match="mask_window"):
         build_model(tiny_config(mask_head="linear", mask_window=6))
+
+
+def test_mined_descriptors_keep_the_whole_map_and_windows_train_under_autocast(crowded_batch):
+    images, targets = crowded_batch
+    torch.manual_seed(0)
+    model = build_model(tiny_config(mask_window=6))  # excavating on: mined descriptors too
+    mask_input = model.mask_head.mask_input(torch.randn(1, 32, 24, 24))[0]
+    locations = torch.tensor([[40.0, 40.0], [40.0, 40.0]])
+    # the second is mined: its original's level says nothing of its own object's size
+    logits = model.masks(torch.randn(2, 32), locations, torch.full((2,), 4.0), mask_input,
+                         num_windowed=1)
+    assert (logits[0] == OUTSIDE_WINDOW_LOGIT).any()
+    assert not (logits[1] == OUTSIDE_WINDOW_LOGIT).any()
+    # GPU training runs under autocast (train.amp); bfloat16 on the CPU takes the same path
+    for window in (0, 6):
+        model = build_model(tiny_config(mask_window=window)).train()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            losses = model(images, targets)
+        assert losses["loss_mask"].dtype == torch.float32
+        sum(losses.values()).backward()
+        assert torch.isfinite(losses["loss_mask"])
