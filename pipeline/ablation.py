@@ -452,8 +452,12 @@ def _run_all(
             outcome.train_seconds = values["train_seconds"]
             outcome.eval_seconds = values["eval_seconds"]
             outcome.eval_images = values["eval_images"]
+            ended = [o for o in outcomes if o.metrics]
+            best = max(ended, key=lambda o: o.metrics.get("segm/AP", -1))
             logger.info(
-                "finished %s: segm AP %.3f", outcome.run_name, outcome.metrics.get("segm/AP", -1)
+                "finished %s: segm AP %.3f (%d/%d runs done; best so far %s %.3f)",
+                outcome.run_name, outcome.metrics.get("segm/AP", -1), len(ended), len(outcomes),
+                best.run_name, best.metrics.get("segm/AP", -1),
             )
     except KeyboardInterrupt:
         for ref in running:

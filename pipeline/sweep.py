@@ -319,6 +319,36 @@ class _FinalResultOptuna(OptunaSearch):
             super().on_trial_result(trial_id, result)
 
 
+class TrialProgress(ray.tune.Callback):
+    """One console line per ended trial: its result, how many ended, the best so far."""
+
+    def __init__(self, num_samples: int) -> None:
+        self.num_samples = num_samples
+        self.ended = 0
+        self.best: tuple[float, str] | None = None
+
+    def _line(self, trial, outcome: str) -> None:
+        self.ended += 1
+        logger.info(
+            "trial %s %s (%d/%d ended); best so far: %s", trial.trial_id, outcome, self.ended,
+            self.num_samples,
+            "none" if self.best is None else f"{OBJECTIVE} {self.best[0]:.3f} ({self.best[1]})",
+        )
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        result = trial.last_result or {}
+        if OBJECTIVE not in result:  # stopped early by ASHA: no evaluation
+            self._line(trial, f"stopped early after {result.get(EPOCHS_DONE, '?')} epochs")
+            return
+        value = float(result[OBJECTIVE])
+        if self.best is None or value > self.best[0]:
+            self.best = (value, trial.trial_id)
+        self._line(trial, f"finished: {OBJECTIVE} {value:.3f}")
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self._line(trial, "failed (see its error above)")
+
+
 def _make_tuner(spec: SweepSpec, restore: bool) -> ray.tune.Tuner:
     trainable = ray.tune.with_resources(
         ray.tune.with_parameters(pep_trial, spec=spec),
@@ -361,7 +391,10 @@ def _make_tuner(spec: SweepSpec, restore: bool) -> ray.tune.Tuner:
             num_samples=spec.num_samples,
             max_concurrent_trials=spec.max_concurrent,
         ),
-        run_config=ray.tune.RunConfig(name=spec.name, storage_path=spec.storage_path),
+        run_config=ray.tune.RunConfig(
+            name=spec.name, storage_path=spec.storage_path,
+            callbacks=[TrialProgress(spec.num_samples)],
+        ),
     )
 
 

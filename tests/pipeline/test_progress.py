@@ -28,3 +28,24 @@ def test_one_line_per_epoch_with_losses_speed_val_ap_and_eta(tmp_path, caplog):
     assert lines[1].startswith("epoch 3/4  loss 7.00 (mask 1.25)  2.5 img/s  val segm AP 0.125 @2")
     assert lines[2] == "epoch 4/4  loss 6.00 (mask 1.00)  2.5 img/s  val segm AP 0.250 @4  done"
     assert len(lines) == 3  # no separate validation line: each one showed in an epoch line
+
+
+def test_a_sweep_prints_one_line_per_ended_trial_with_the_best_so_far(caplog):
+    from types import SimpleNamespace
+
+    from pipeline.sweep import OBJECTIVE, TrialProgress
+
+    progress = TrialProgress(num_samples=3)
+    with caplog.at_level(logging.INFO, logger="pipeline.sweep"):
+        progress.on_trial_complete(0, [], SimpleNamespace(trial_id="a", last_result={
+            OBJECTIVE: 0.25, "epochs_done": 4}))
+        progress.on_trial_complete(1, [], SimpleNamespace(trial_id="b", last_result={
+            "epochs_done": 2}))
+        progress.on_trial_complete(2, [], SimpleNamespace(trial_id="c", last_result={
+            OBJECTIVE: 0.5}))
+    lines = [r.getMessage() for r in caplog.records if r.name == "pipeline.sweep"]
+    assert lines == [
+        f"trial a finished: {OBJECTIVE} 0.250 (1/3 ended); best so far: {OBJECTIVE} 0.250 (a)",
+        f"trial b stopped early after 2 epochs (2/3 ended); best so far: {OBJECTIVE} 0.250 (a)",
+        f"trial c finished: {OBJECTIVE} 0.500 (3/3 ended); best so far: {OBJECTIVE} 0.500 (c)",
+    ]
