@@ -452,7 +452,7 @@ def _run_all(
             outcome.train_seconds = values["train_seconds"]
             outcome.eval_seconds = values["eval_seconds"]
             outcome.eval_images = values["eval_images"]
-            ended = [o for o in outcomes if o.metrics]
+            ended = [o for o in outcomes if o.run_id is not None and o.ok]
             best = max(ended, key=lambda o: o.metrics.get("segm/AP", -1))
             logger.info(
                 "finished %s: segm AP %.3f (%d/%d runs done; best so far %s %.3f)",
