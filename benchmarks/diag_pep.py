@@ -1,13 +1,14 @@
 """Diagnose a trained PEP: what excavating and purifying add at inference, and purifying's errors.
 
     python benchmarks/diag_pep.py CHECKPOINT [--data COCO_FOLDER_OR_SHARDS] [--work-dir work]
-        [--max-dets 100] [--threads 2]
+        [--max-dets 100] [--threads 2] [--try KEY=VALUE[,KEY=VALUE] ...] [--only-table]
 
 Measurements with the checkpoint's own weights:
 
 1. The same weights, inference switched: AP as trained, with purifying's grouping replaced by
    Matrix NMS (what the Baseline uses), without the mined descriptors, and with neither. If
    a switched row beats "as trained", that module costs AP at this state of training.
+   Each `--try` adds a row with post-processing parameters changed on the same weights.
 2. Purifying's graph against the ground truth: every descriptor whose location lies in exactly
    one ground-truth mask belongs to that object. For the pairs of such descriptors: the mean
    symmetrised similarity and the share at or above `purify_threshold`, for pairs on the same
@@ -40,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402
+import yaml  # noqa: E402
 from bench_accuracy import evaluate_model  # noqa: E402
 from torch import Tensor  # noqa: E402
 
@@ -63,7 +65,41 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--work-dir", default=str(ROOT / "work"))
     parser.add_argument("--max-dets", type=int, default=100)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--try",
+        dest="tries",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE[,KEY=VALUE]",
+        help="one more row of table 1: inference parameters (PEP.set_inference_params) "
+        "changed on the same weights, e.g. purify_merge=seed,purify_threshold=0.3",
+    )
+    parser.add_argument(
+        "--only-table", action="store_true", help="print table 1 only (skip the slower reports)"
+    )
     return parser
+
+
+def parse_try(text: str) -> dict[str, object]:
+    """"a=1,b=seed" -> {"a": 1, "b": "seed"} (values read as YAML scalars)."""
+    params = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--try {text!r}: expected KEY=VALUE[,KEY=VALUE]")
+        params[key.strip()] = yaml.safe_load(value)
+    return params
+
+
+@contextlib.contextmanager
+def inference_params(model: PEP, **params) -> Iterator[PEP]:
+    """The model with post-processing parameters changed, restored on exit."""
+    saved = {key: getattr(model.config, key) for key in params}
+    model.set_inference_params(**params)
+    try:
+        yield model
+    finally:
+        model.set_inference_params(**saved)
 
 
 @contextlib.contextmanager
@@ -251,15 +287,18 @@ def main(args: argparse.Namespace) -> None:
     print(f"{args.checkpoint}: excavate={cfg.model.excavate} purify={cfg.model.purify}")
     print("| inference | segm AP | segm AP50 | bbox AP | ms/img |")
     print("|---|---|---|---|---|")
-    for name, switches in SWITCHES.items():
-        if any(getattr(model, MODULES[k]) is None for k in switches):
-            continue  # the model has no such module to take out
-        with switched(model, **switches):
+    rows = [(name, switched(model, **switches)) for name, switches in SWITCHES.items()
+            if all(getattr(model, MODULES[k]) is not None for k in switches)]
+    rows += [(text, inference_params(model, **parse_try(text))) for text in args.tries]
+    for name, context in rows:
+        with context:
             metrics, ms = evaluate_model(model, splits, args.max_dets)
         print(
             f"| {name} | {metrics['segm/AP']:.4f} | {metrics['segm/AP50']:.4f} | "
-            f"{metrics['bbox/AP']:.4f} | {ms:.0f} |"
+            f"{metrics['bbox/AP']:.4f} | {ms:.0f} |", flush=True,
         )
+    if args.only_table:
+        return
     print()
     print("as trained: " + mask_quality(model, splits.val_shards, cfg.data))
     with switched(model, purify=False):

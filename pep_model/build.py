@@ -17,7 +17,7 @@ from pep_model.backbone import Backbone
 from pep_model.config import Config, ModelConfig, config_from_dict, config_to_dict
 from pep_model.excavating import ObjectExcavating
 from pep_model.mask_learning import DynamicMaskHead, LinearMaskHead, MaskFeature
-from pep_model.pep import PEP
+from pep_model.pep import PEP, PURIFY_MERGES
 from pep_model.perceiving import SemanticsPerceiving
 from pep_model.purifying import InstancePurifying
 
@@ -40,6 +40,10 @@ def build_model(config: ModelConfig) -> PEP:
         raise ValueError(
             f"model.mask_window must be 0 (whole image) or a side in level strides with "
             f"model.mask_head=dynamic, got {config.mask_window} with {config.mask_head}"
+        )
+    if config.purify_merge not in PURIFY_MERGES:
+        raise ValueError(
+            f"model.purify_merge must be one of {PURIFY_MERGES}, got {config.purify_merge!r}"
         )
     if config.mask_stride not in (4, 8):
         raise ValueError(f"model.mask_stride must be 4 or 8, got {config.mask_stride}")

@@ -103,6 +103,18 @@ class ModelConfig:
     # "originals" = sum / N_ori (the originals keep their weight; the mined add to it).
     mask_loss_norm: str = "all"
     purify_embed_dim: int = 64  # width of the purifying embedding whose cosine gives M
+    # Eq. 5 also over the descriptors inference will see: the top this many predicted cells
+    # of an image (3x3 local maxima of the class scores, detached), each tagged with the
+    # ground-truth mask it lies in (or background). 0: the ground-truth positive cells only.
+    purify_train_candidates: int = 0
+    # Whether Eq. 5 back-propagates into the descriptors D (false: it trains the purifying
+    # projection only, as the excavating losses train their own layers).
+    purify_trains_descriptors: bool = True
+    # How purifying turns descriptors into instances: "mean" = greedy groups at
+    # purify_threshold, each one instance with the score-weighted mean of its members' mask
+    # probabilities; "seed" = the same groups with the top member's own mask; "decay" = no
+    # hard groups: Matrix NMS's score decay with the learned similarity M in place of mask IoU.
+    purify_merge: str = "mean"
     point_nms: bool = True  # keep only 3x3 local maxima of class scores as original descriptors
 
 

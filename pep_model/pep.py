@@ -54,10 +54,14 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # Mask logit outside a descriptor's window (`model.mask_window`): certain background.
 OUTSIDE_WINDOW_LOGIT = -1e4
 
+# How purifying turns descriptors into instances (`ModelConfig.purify_merge`).
+PURIFY_MERGES = ("mean", "seed", "decay")
+
 # ModelConfig fields that may be changed after building (post-processing only).
 INFERENCE_PARAMS = (
     "score_threshold", "candidate_threshold", "pre_topk", "excavate_threshold", "excavate_topk",
     "purify_threshold", "mask_threshold", "nms_kernel", "nms_sigma", "max_instances", "point_nms",
+    "purify_merge",
 )
 
 
@@ -140,6 +144,11 @@ class PEP(nn.Module):
         unknown = sorted(set(params) - set(INFERENCE_PARAMS))
         if unknown:
             raise ValueError(f"set_inference_params: unknown {unknown}; allowed {INFERENCE_PARAMS}")
+        if params.get("purify_merge", "mean") not in PURIFY_MERGES:
+            raise ValueError(
+                f"set_inference_params: purify_merge must be one of {PURIFY_MERGES}, got "
+                f"{params['purify_merge']!r}"
+            )
         self.config = dataclasses.replace(self.config, **params)
 
     def selection_threshold(self) -> float:
@@ -318,6 +327,10 @@ class PEP(nn.Module):
             self.excavating.shared_feature(general) if self.excavating is not None else None
         )
         mask_inputs = self.mask_head.mask_input(general)  # B x c x h x w
+        candidate_scores = (
+            self._candidate_scores(cls_maps)
+            if self.purifying is not None and cfg.purify_train_candidates > 0 else None
+        )  # B x L
 
         cls_targets, mask_losses = [], []
         num_originals = 0
@@ -385,6 +398,16 @@ class PEP(nn.Module):
             ))  # N_all
 
             if self.purifying is not None:
+                if candidate_scores is not None:
+                    cells, cell_ids = self._graph_candidates(
+                        candidate_scores[b], pos, positions, masks, crowd
+                    )  # K, K
+                    descriptors = torch.cat([descriptors, desc_flat[b, cells]])
+                    locations = torch.cat([locations, positions[cells]])
+                    loc_strides = torch.cat([loc_strides, cell_strides[cells]])
+                    instance_ids = torch.cat([instance_ids, cell_ids])
+                if not cfg.purify_trains_descriptors:
+                    descriptors = descriptors.detach()
                 logits = self.purifying(descriptors, locations, loc_strides)  # N_all x N_all
                 off_diag = ~torch.eye(logits.shape[0], dtype=torch.bool, device=device)
                 pair_logits.append(logits[off_diag])
@@ -422,6 +445,46 @@ class PEP(nn.Module):
         mean = per_descriptor.mean() if per_descriptor.shape[0] > 0 else general.sum() * 0
         losses["loss_mask"] = cfg.delta * norm * mean
         return losses
+
+    @torch.no_grad()
+    def _candidate_scores(self, cls_maps: list[Tensor]) -> Tensor:
+        """B x L top foreground probability of every cell, 0 off the 3x3 local maxima: the
+        cells inference would select (`inference`), for `purify_train_candidates`."""
+        fg_maps = [point_nms(m.softmax(dim=1)[:, 1:]) for m in cls_maps]
+        return flatten_levels(fg_maps).amax(dim=2)
+
+    def _graph_candidates(
+        self, scores: Tensor, pos: Tensor, positions: Tensor, masks: Tensor, crowd: Tensor,
+    ) -> tuple[Tensor, Tensor]:
+        """Extra purifying-graph nodes of one training image: its top predicted cells.
+
+        Args:
+            scores: L from `_candidate_scores`; pos: the cells already in the graph (the
+                ground-truth positive ones); positions: L x 2 cell centres in pixels.
+            masks: the image's M x H x W ground-truth masks; crowd: M.
+        Returns:
+            (K cell indices, K instance ids: the one non-crowd mask the cell centre lies in,
+            or -1 for background). Cells inside a crowd region, outside the image, in two
+            masks or already in `pos` are left out.
+        """
+        height, width = masks.shape[-2:]
+        scores = scores.clone()
+        scores[pos] = 0
+        inside = (positions[:, 0] < width) & (positions[:, 1] < height)
+        scores[~inside] = 0
+        k = min(self.config.purify_train_candidates, int((scores > 0).sum()))
+        cells = scores.topk(k).indices
+        xs = positions[cells, 0].long().clamp(max=width - 1)
+        ys = positions[cells, 1].long().clamp(max=height - 1)
+        if masks.shape[0] == 0:
+            return cells, torch.full_like(cells, -1)
+        hit = masks[:, ys, xs]  # M x K
+        in_crowd = (hit & crowd[:, None]).any(0)
+        hit = hit & ~crowd[:, None]
+        count = hit.sum(0)
+        ids = torch.where(count == 1, hit.int().argmax(0), torch.full_like(count, -1))
+        keep = ~in_crowd & (count <= 1)
+        return cells[keep], ids[keep].long()
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
@@ -549,21 +612,29 @@ class PEP(nn.Module):
         probs = self.masks(
             descriptors, locations, loc_strides, feature, num_originals
         )[:, :vh, :vw].sigmoid()
+        similarity = None
         if self.purifying is not None:
             similarity = self.purifying(descriptors, locations, loc_strides).sigmoid()  # N x N
+            similarity = (similarity + similarity.t()) / 2
+        if similarity is not None and cfg.purify_merge != "decay":
             groups = group_by_similarity(similarity, scores, cfg.purify_threshold)
-            scores, labels, probs = merge_groups(groups, scores, labels, probs)
+            scores, labels, probs = merge_groups(groups, scores, labels, probs, cfg.purify_merge)
+            similarity = None
         binary = probs > cfg.mask_threshold
         area = binary.flatten(1).sum(1).float()
         keep = area > 0
         scores, labels, probs, binary, area = (
             scores[keep], labels[keep], probs[keep], binary[keep], area[keep]
         )
+        if similarity is not None:
+            similarity = similarity[keep][:, keep]
         # SOLOv2 "maskness": mean probability inside the binary mask
         scores = scores * (probs * binary).flatten(1).sum(1) / area.clamp(min=1)
-        if self.purifying is None:
+        if self.purifying is None or similarity is not None:
+            # Matrix NMS, on mask IoU or ("decay") on purifying's learned similarity
             scores, labels, _, kept = matrix_nms(
-                binary, labels, scores, cfg.nms_kernel, cfg.nms_sigma, mask_area=area
+                binary, labels, scores, cfg.nms_kernel, cfg.nms_sigma, mask_area=area,
+                overlap=similarity,
             )
             probs = probs[kept]
         keep = (scores > cfg.score_threshold).nonzero().squeeze(1)

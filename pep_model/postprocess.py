@@ -36,6 +36,7 @@ def matrix_nms(
     filter_thr: float = -1.0,
     max_num: int = -1,
     mask_area: Tensor | None = None,
+    overlap: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Decay the scores of duplicate masks with SOLOv2's Matrix NMS.
 
@@ -56,6 +57,8 @@ def matrix_nms(
             (the default -1 keeps all).
         max_num: keep at most this many instances after filtering; negative means no cap.
         mask_area: optional [N] precomputed mask areas (pixel counts); computed if None.
+        overlap: optional [N, N] pairwise overlap in 0..1 (input order, symmetric) used
+            instead of the masks' IoU, e.g. purifying's learned similarity ("decay" mode).
 
     Returns:
         (scores [K] decayed, labels [K], masks [K, H, W], keep_inds [K] int64 indices into
@@ -78,6 +81,10 @@ def matrix_nms(
         raise ValueError(
             f"matrix_nms: mask_area must have shape ({num},), got {tuple(mask_area.shape)}"
         )
+    if overlap is not None and overlap.shape != (num, num):
+        raise ValueError(
+            f"matrix_nms: overlap must have shape ({num}, {num}), got {tuple(overlap.shape)}"
+        )
     if num == 0:
         return _empty_nms_result(masks, labels, scores)
 
@@ -85,14 +92,17 @@ def matrix_nms(
     scores, order = torch.sort(scores, descending=True, stable=True)  # [N]
     labels = labels[order]
     masks = masks[order]
-    flat = masks.reshape(num, -1).float()  # [N, H*W]
-    area = flat.sum(dim=1) if mask_area is None else mask_area[order].float()  # [N]
-
-    inter = flat @ flat.T  # [N, N]
-    union = (area[:, None] + area[None, :] - inter).clamp_min(_EPS)  # [N, N]
+    if overlap is None:
+        flat = masks.reshape(num, -1).float()  # [N, H*W]
+        area = flat.sum(dim=1) if mask_area is None else mask_area[order].float()  # [N]
+        inter = flat @ flat.T  # [N, N]
+        union = (area[:, None] + area[None, :] - inter).clamp_min(_EPS)  # [N, N]
+        overlap = inter / union
+    else:
+        overlap = overlap[order][:, order].float()
     # pairs[i, j]: i scores higher than j and has the same label, the only pairs that decay.
     pairs = (labels[:, None] == labels[None, :]).triu(diagonal=1)  # [N, N]
-    iou = torch.where(pairs, inter / union, torch.zeros_like(inter))  # [N, N]
+    iou = torch.where(pairs, overlap, torch.zeros_like(overlap))  # [N, N]
     compensate = iou.max(dim=0).values[:, None]  # [N, 1], row i: max IoU with a higher i'
 
     if kernel == "gaussian":
@@ -172,14 +182,14 @@ def group_by_similarity(similarity: Tensor, scores: Tensor, threshold: float) ->
 
 
 def merge_groups(
-    group_ids: Tensor, scores: Tensor, labels: Tensor, mask_probs: Tensor
+    group_ids: Tensor, scores: Tensor, labels: Tensor, mask_probs: Tensor, mask: str = "mean"
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Merge each group of descriptors into one instance.
 
     Group score = the highest member score; label = the label of that top-scoring member
     (ties go to the lower index, matching the seed chosen by `group_by_similarity`);
-    mask = the score-weighted mean of the members' mask probabilities (the plain mean if all
-    member scores are zero).
+    mask (`mask="mean"`) = the score-weighted mean of the members' mask probabilities (the
+    plain mean if all member scores are zero), or (`mask="seed"`) the top member's own.
 
     Args:
         group_ids: [N] int64 group ids covering 0..G-1 without gaps (as returned by
@@ -208,6 +218,8 @@ def merge_groups(
             f"{tuple(group_ids.shape)}, {tuple(scores.shape)}, {tuple(labels.shape)}, "
             f"{tuple(mask_probs.shape)}"
         )
+    if mask not in ("mean", "seed"):
+        raise ValueError(f"merge_groups: unknown mask {mask!r}; use mean or seed")
     if num == 0:
         empty_masks = mask_probs.new_zeros((0, *mask_probs.shape[1:]))
         return scores.new_zeros(0), labels.new_zeros(0), empty_masks
@@ -224,6 +236,8 @@ def merge_groups(
     order = order[torch.argsort(group_ids[order], stable=True)]  # [N] grouped, best first
     starts = torch.cumsum(counts, dim=0) - counts  # [G]
     top = order[starts]  # [G]
+    if mask == "seed":
+        return scores[top], labels[top], mask_probs[top]
 
     weights = scores.to(mask_probs.dtype)  # [N]
     weight_sum = weights.new_zeros(num_groups).index_add_(0, group_ids, weights)  # [G]

@@ -68,6 +68,24 @@ def test_nothing_above_threshold_gives_typed_empty_results(eval_model):
         assert pred["labels"].numel() == 0
 
 
+@pytest.mark.parametrize("merge", ["seed", "decay"])
+def test_purify_merge_modes_keep_the_output_contract(eval_model, merge):
+    if eval_model.purifying is None:
+        pytest.skip("purify_merge applies to purifying")
+    images = [torch.rand(3, 70, 90), torch.rand(3, 64, 48)]
+    torch.manual_seed(3)
+    eval_model.set_inference_params(purify_merge=merge)
+    try:
+        preds = eval_model(images)
+    finally:
+        eval_model.set_inference_params(purify_merge="mean")
+    for pred, (h, w) in zip(preds, [(70, 90), (64, 48)]):
+        check_prediction(pred, h, w, eval_model.config.max_instances)
+    assert sum(p["labels"].numel() for p in preds) > 0
+    with pytest.raises(ValueError, match="purify_merge must be one of"):
+        eval_model.set_inference_params(purify_merge="max")
+
+
 def test_unknown_inference_parameter_is_rejected(eval_model):
     with pytest.raises(ValueError, match="num_classes"):
         eval_model.set_inference_params(num_classes=3)

@@ -193,3 +193,50 @@ def test_mask_loss_norm_originals_keeps_the_originals_weight(crowded_batch):
     assert loss_mask(mask_loss_norm="originals") > 1.2 * loss_mask(mask_loss_norm="all")
     with pytest.raises(ValueError, match="mask_loss_norm: unknown 'sum'"):
         loss_mask(mask_loss_norm="sum")
+
+
+def test_graph_candidates_are_the_top_predicted_cells_tagged_by_the_mask_they_lie_in(
+    crowded_batch,
+):
+    _, targets = crowded_batch
+    model = build_model(tiny_config(purify_train_candidates=6))
+    target = targets[0]
+    masks = target["masks"].bool()
+    crowd = torch.tensor([False, False, False, True])  # the last rectangle is a crowd region
+    positions = torch.tensor(
+        [[15.0, 15.0], [45.0, 40.0], [80.0, 80.0], [10.0, 70.0], [92.0, 5.0], [35.0, 35.0],
+         [100.0, 10.0], [20.0, 20.0]]
+    )  # cell 6 lies outside the 96 x 96 image
+    scores = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.95, 0.3])
+    pos = torch.tensor([7])  # already a ground-truth positive node
+    cells, ids = model._graph_candidates(scores, pos, positions, masks, crowd)
+    # 0: in rectangle 0 only; 1: in 1 only; 2: in 2 only; 3: in the crowd region (left out);
+    # 4: background; 5: in rectangles 0 and 1 (left out); 6: outside; 7: already a node
+    assert cells.tolist() == [0, 1, 2, 4]
+    assert ids.tolist() == [0, 1, 2, -1]
+
+
+def test_graph_candidates_join_eq5_and_can_be_kept_from_training_the_descriptors(
+    crowded_batch,
+):
+    images, targets = crowded_batch
+
+    def graph_loss_and_model(**overrides):
+        torch.manual_seed(0)
+        model = build_model(tiny_config(excavate=False, purify=True, **overrides)).train()
+        torch.manual_seed(1)
+        return model(images, targets)["loss_graph"], model
+
+    plain, _ = graph_loss_and_model()
+    with_candidates, model = graph_loss_and_model(purify_train_candidates=16)
+    assert with_candidates.item() != pytest.approx(plain.item(), rel=1e-4)
+    model.zero_grad()
+    with_candidates.backward()
+    assert model.perceiving.descriptors.weight.grad.abs().sum() > 0
+    detached, model = graph_loss_and_model(purify_train_candidates=16,
+                                           purify_trains_descriptors=False)
+    assert detached.item() == pytest.approx(with_candidates.item(), rel=1e-5)
+    model.zero_grad()
+    detached.backward()
+    assert model.perceiving.descriptors.weight.grad is None
+    assert model.purifying.project[0].weight.grad.abs().sum() > 0

@@ -318,6 +318,23 @@ def test_merge_groups_all_zero_scores_fall_back_to_plain_mean():
     torch.testing.assert_close(masks, torch.tensor([[[0.4]]]))
 
 
+def test_merge_groups_seed_mode_keeps_the_top_members_own_mask():
+    probs = torch.tensor([[[0.2]], [[0.9]], [[0.6]], [[0.1]]])
+    scores, labels, masks = merge_groups(
+        torch.tensor([0, 0, 1, 1]),
+        torch.tensor([0.3, 0.8, 0.5, 0.5]),
+        torch.tensor([1, 2, 3, 4]),
+        probs,
+        mask="seed",
+    )
+    torch.testing.assert_close(scores, torch.tensor([0.8, 0.5]))
+    assert labels.tolist() == [2, 3]  # a score tie goes to the lower index
+    torch.testing.assert_close(masks, torch.tensor([[[0.9]], [[0.6]]]))
+    with pytest.raises(ValueError, match="unknown mask 'max'"):
+        merge_groups(torch.tensor([0]), torch.ones(1), torch.ones(1, dtype=torch.int64),
+                     probs[:1], mask="max")
+
+
 def test_merge_groups_rejects_gaps_in_group_ids():
     with pytest.raises(ValueError, match=r"\[1\]"):
         merge_groups(
@@ -367,3 +384,17 @@ def test_point_nms_channels_are_independent_and_batched_input_works():
 def test_point_nms_rejects_even_kernel():
     with pytest.raises(ValueError, match="odd"):
         point_nms(torch.zeros(1, 3, 3), kernel=2)
+
+
+def test_matrix_nms_decays_by_a_given_overlap_instead_of_mask_iou():
+    masks = torch.zeros(3, 4, 4, dtype=torch.bool)
+    masks[0, :2], masks[1, 2:], masks[2, :, :2] = True, True, True  # 0 and 1 do not overlap
+    labels = torch.ones(3, dtype=torch.int64)
+    scores = torch.tensor([0.9, 0.8, 0.7])
+    overlap = torch.tensor([[1.0, 0.9, 0.0], [0.9, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    decayed, _, _, keep = matrix_nms(masks, labels, scores, "linear", overlap=overlap)
+    by_index = dict(zip(keep.tolist(), decayed.tolist()))
+    assert by_index[1] == pytest.approx(0.8 * 0.1)  # decayed by its 0.9 "overlap" with 0
+    assert by_index[2] == pytest.approx(0.7)  # its masks overlap 0 and 1, the given 0 counts
+    with pytest.raises(ValueError, match="overlap must have shape"):
+        matrix_nms(masks, labels, scores, overlap=overlap[:2])
