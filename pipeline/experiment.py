@@ -85,7 +85,7 @@ def resolve_data(data: str | None, cfg: Config, work_dir: str | Path) -> DataSpl
             / "data"
             / (f"crowded-{d.generated_images}x{d.generated_size}-seed{cfg.train.seed}")
         )
-        if not (root / "val" / "annotations.json").is_file():
+        if not synth.is_current(root):  # absent, or from an older generator version
             logger.info("generating the crowded-scenes dataset in %s", root)
             synth.make_dataset(
                 root,
