@@ -181,6 +181,9 @@ class ExperimentSummary:
             "",
             evaluate.format_ap_table(self.metrics),
         ]
+        recall = evaluate.format_recall_table(self.metrics)
+        if recall:
+            lines += ["", "Recall (%) at mask IoU 0.5 by visibility:", "", recall]
         if self.thresholds:
             lines += ["", "AP per score threshold (one inference pass):", ""]
             lines.append(evaluate.format_threshold_table(self.thresholds))
@@ -441,7 +444,12 @@ def train_and_evaluate(
                     indent=1,
                 )
             )
-            (tmp / "ap_table.md").write_text(evaluate.format_ap_table(metrics) + "\n")
+            (tmp / "ap_table.md").write_text(
+                evaluate.format_ap_table(metrics)
+                + "\n\n"
+                + evaluate.format_recall_table(metrics)
+                + "\n"
+            )
             mlflow.log_artifact(str(tmp / "results.json"))
             mlflow.log_artifact(str(tmp / "ap_table.md"))
             if metrics.get("pr_curve"):
