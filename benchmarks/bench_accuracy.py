@@ -41,8 +41,11 @@ original image size -> COCOeval, segm and bbox). Nothing is pretrained (no weigh
 
 `--data` takes a COCO folder (`train/annotations.json` + `train/images`, same for `val/`) or a
 shards root; default: the generated crowded scenes of the config. Prints a markdown table
-(mean and spread over seeds) ready for BENCHMARKS.md, then each loss term at the first and
-last epoch per model, and writes every number (per-epoch losses included) to `--out`.
+(mean and spread over seeds) ready for BENCHMARKS.md, a second one with recall at mask IoU
+0.5 by visibility (generated scenes: ground truth from the val annotations.json, whose
+objects carry `visible_fraction`) and the duplicates / false merges per image, then each
+loss term at the first and last epoch per model, and writes every number (per-epoch losses
+included) to `--out`.
 """
 
 from __future__ import annotations
@@ -91,6 +94,16 @@ PEP_VARIANTS = {
 }
 MODELS = [*PEP_VARIANTS, "maskrcnn"]
 COLUMNS = ["segm/AP", "segm/AP50", "segm/AP75", "segm/APs", "segm/APm", "segm/APl", "bbox/AP"]
+# recall at mask IoU 0.5, overall and by visibility: (metric key, header)
+RECALL_COLUMNS = [
+    ("segm/R50", "R50"),
+    *((f"segm/R50_vis_{b}", evaluate.VISIBILITY_LABELS[b]) for b in evaluate.VISIBILITY_BINS),
+]
+_THR = f"thr{evaluate.COUNT_SCORE_THRESHOLD:g}"
+COUNT_COLUMNS = [
+    (f"segm/duplicates_per_img_{_THR}", "duplicates/img"),
+    (f"segm/false_merges_per_img_{_THR}", "false merges/img"),
+]
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -397,6 +410,36 @@ def table(
     return "\n".join(lines)
 
 
+def recall_table(
+    runs: list[dict], models: list[str], max_dets: int, maskrcnn_label: str = "Mask R-CNN"
+) -> str:
+    """Recall at mask IoU 0.5 by visibility (at the run's detection limit, as the AP table)
+    and duplicates / false merges per val image at score >= 0.3 (`pipeline.evaluate`); n/a
+    for data without `visible_fraction` and for results files written before these metrics.
+    """
+    suffix = "" if max_dets == 100 else f"@{max_dets}"
+    head = ["model", "seeds"]
+    for key, label in RECALL_COLUMNS:
+        label += suffix
+        counts = {r["metrics"].get(key.replace("/R50_vis_", "/n_vis_")) for r in runs}
+        if "/R50_vis_" in key and len(counts) == 1 and None not in counts:
+            label += f" (n={counts.pop():.0f})"  # objects in the bin (one val set for all)
+        head.append(label)
+    head += [label for _, label in COUNT_COLUMNS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name in models:
+        mine = [r for r in runs if r["model"] == name]
+        label = PEP_VARIANTS[name][0] if name in PEP_VARIANTS else maskrcnn_label
+        cells = [label, ",".join(str(r["seed"]) for r in mine)]
+        for key, _ in RECALL_COLUMNS:
+            cells.append(summarise([r["metrics"].get(key + suffix, float("nan")) for r in mine]))
+        for key, _ in COUNT_COLUMNS:
+            values = [r["metrics"].get(key, float("nan")) for r in mine]
+            cells.append(summarise(values, digits=2))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def loss_table(runs: list[dict], models: list[str]) -> str:
     """Each loss term at the first and the last epoch (mean over seeds), one row per model."""
     lines = ["| model | loss term | first epoch | last epoch |", "|---|---|---|---|"]
@@ -414,6 +457,8 @@ def loss_table(runs: list[dict], models: list[str]) -> str:
 def print_report(runs: list[dict], models: list[str], max_dets: int, maskrcnn_label: str) -> None:
     print()
     print(table(runs, models, max_dets, maskrcnn_label))
+    print()
+    print(recall_table(runs, models, max_dets, maskrcnn_label))
     print()
     print(loss_table(runs, models))
 

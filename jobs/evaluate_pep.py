@@ -120,7 +120,12 @@ def resolve_shards(args: argparse.Namespace, checkpoint: Path) -> Path:
 def main(args: argparse.Namespace) -> tuple[dict, dict]:
     import ray
 
-    from pipeline.evaluate import format_ap_table, format_threshold_table, scalar_metrics
+    from pipeline.evaluate import (
+        format_ap_table,
+        format_recall_table,
+        format_threshold_table,
+        scalar_metrics,
+    )
     from pipeline.inference import evaluate_checkpoint
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -145,6 +150,9 @@ def main(args: argparse.Namespace) -> tuple[dict, dict]:
     )
     print(f"\nCOCO AP (%) of {checkpoint} on {shards}:\n")
     print(format_ap_table(metrics))
+    if format_recall_table(metrics):
+        print("\nRecall (%) at mask IoU 0.5 by visibility:\n")
+        print(format_recall_table(metrics))
     if per_threshold:
         print("\nAP (%) per score threshold (one prediction pass):\n")
         print(format_threshold_table(per_threshold))

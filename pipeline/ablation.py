@@ -5,7 +5,9 @@ schedule (only `model.excavate`, `model.purify` and `train.seed` differ), each a
 task that calls `experiment.train_and_evaluate` (its own TorchTrainer, Ray Data evaluation
 and MLflow child run). The data is resolved once, in the driver, before any run starts.
 `format_table` turns the outcomes into the paper's table: segm AP columns as mean ± std over
-seeds, plus training time and inference time per image.
+seeds, plus training time and inference time per image; below it, what each module is for:
+recall at mask IoU 0.5 by how much of each object is visible (generated scenes), and the
+duplicates and false merges left per image.
 """
 
 from __future__ import annotations
@@ -35,6 +37,17 @@ from pipeline.train import RunExistsError, run_cpus, run_directory_exists
 logger = logging.getLogger(__name__)
 
 COLUMNS = ("AP", "AP50", "AP75", "APs", "APm", "APl")  # segm metrics, as in Table 2
+# segm metrics of the second table: (metric key, header, scale, digits)
+_THR = f"thr{evaluate.COUNT_SCORE_THRESHOLD:g}"
+RECALL_COLUMNS = (
+    ("segm/R50", "R50", 100.0, 1),
+    *(
+        (f"segm/R50_vis_{b}", evaluate.VISIBILITY_LABELS[b], 100.0, 1)
+        for b in evaluate.VISIBILITY_BINS
+    ),
+    (f"segm/duplicates_per_img_{_THR}", "duplicates/img", 1.0, 2),
+    (f"segm/false_merges_per_img_{_THR}", "false merges/img", 1.0, 2),
+)
 SYSTEM_RETRIES = 1  # extra attempts of a run that Ray (not the run's own code) stopped
 
 
@@ -456,8 +469,12 @@ def _run_all(
             best = max(ended, key=lambda o: o.metrics.get("segm/AP", -1))
             logger.info(
                 "finished %s: segm AP %.3f (%d/%d runs done; best so far %s %.3f)",
-                outcome.run_name, outcome.metrics.get("segm/AP", -1), len(ended), len(outcomes),
-                best.run_name, best.metrics.get("segm/AP", -1),
+                outcome.run_name,
+                outcome.metrics.get("segm/AP", -1),
+                len(ended),
+                len(outcomes),
+                best.run_name,
+                best.metrics.get("segm/AP", -1),
             )
     except KeyboardInterrupt:
         for ref in running:
@@ -493,7 +510,8 @@ def _cell(values: Sequence[float], scale: float = 100.0, digits: int = 1) -> str
 def variant_summary(outcomes: Sequence[RunOutcome]) -> dict[str, dict[str, float | None]]:
     """Mean/std over the successful seeds of one variant, per metric (segm in [0,1], seconds)."""
     ok = [o for o in outcomes if o.ok]
-    values = {f"segm/{c}": _valid([o.metrics.get(f"segm/{c}", -1) for o in ok]) for c in COLUMNS}
+    keys = [f"segm/{c}" for c in COLUMNS] + [key for key, *_ in RECALL_COLUMNS]
+    values = {key: _valid([o.metrics.get(key, -1) for o in ok]) for key in keys}
     values["train_s"] = [o.train_seconds for o in ok]
     values["eval_ms_per_image"] = [o.eval_ms_per_image for o in ok]
     out = {}
@@ -541,11 +559,47 @@ def format_table(outcomes: Sequence[RunOutcome], variants: Sequence[Variant] = V
         "image, model replica start-up included (it dominates on small val sets). Runs that "
         "share a machine slow each other down: compare times only between runs made with the "
         "same --max-parallel.",
+        "",
+        *_recall_table(outcomes, variants),
     ]
     if failures:
         lines += ["", "Failed runs:"]
         lines += [f"- {o.run_name} (seed {o.seed}): {o.error}" for o in failures]
     return "\n".join(lines)
+
+
+def _recall_table(outcomes: Sequence[RunOutcome], variants: Sequence[Variant]) -> list[str]:
+    """What each module is for: recall at mask IoU 0.5 (%) by visibility, and the duplicates
+    and false merges per image (`evaluate.recall_by_visibility`, `count_duplicates_and_merges`).
+    """
+    ok_all = [o for o in outcomes if o.ok]
+    header = [""]
+    for key, label, *_ in RECALL_COLUMNS:
+        counts = {o.metrics.get(key.replace("/R50_vis_", "/n_vis_")) for o in ok_all}
+        if "/R50_vis_" in key and len(counts) == 1 and None not in counts:
+            label += f" (n={counts.pop():.0f})"  # objects in the bin (one val set for all)
+        header.append(label)
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    for variant in variants:
+        mine = [o for o in outcomes if o.variant == variant.key]
+        ok = [o for o in mine if o.ok]
+        if not mine:
+            continue
+        cells = [
+            _cell(_valid([o.metrics.get(key, -1) for o in ok]), scale, digits) if ok else "failed"
+            for key, _, scale, digits in RECALL_COLUMNS
+        ]
+        lines.append("| " + " | ".join([variant.label] + cells) + " |")
+    lines += [
+        "",
+        "R50: % of the val objects that COCOeval matches at mask IoU 0.5 (maxDets 100); vis: "
+        "by the share of each object left visible by the objects drawn over it (the generated "
+        "scenes' `visible_fraction`, n objects per bin; '-' for data without it). "
+        f"duplicates / false merges per val image among predictions scored >= "
+        f"{evaluate.COUNT_SCORE_THRESHOLD:g}: a second prediction on an object already found, "
+        "one prediction covering half or more of each of two or more objects.",
+    ]
+    return lines
 
 
 def _log_parent(result: AblationResult, variants: Sequence[Variant]) -> None:

@@ -7,14 +7,18 @@
   precision-recall curve and the COCOeval params used.
 - `evaluate_thresholds`: the same metrics at several score thresholds from ONE set of
   predictions made at a low threshold (the per-image matching is computed once).
-- `format_ap_table` / `format_threshold_table`: markdown tables for logs and reports.
+- `recall_by_visibility`: segm recall at mask IoU 0.5 from COCOeval's own matching, overall
+  and per visibility bin of the ground truth's `visible_fraction` (generated scenes).
+- `count_duplicates_and_merges`: confident predictions that repeat an already found object
+  or cover several objects with one mask.
+- `format_ap_table` / `format_recall_table` / `format_threshold_table`: markdown tables.
 
 Backends: pycocotools' COCOeval, or faster-coco-eval's COCOeval_faster (same matching and
 accumulation in C++, agrees to 1e-6, ~13x faster on the crowded nuclei val set; see
 BENCHMARKS.md). `backend="auto"` uses faster-coco-eval when it is installed.
 
 Metric values follow COCOeval's convention: in [0, 1], and -1 where the ground truth has no
-object in that area range (e.g. APl on data without large objects).
+object in that area range (e.g. APl on data without large objects) or visibility bin.
 """
 
 from __future__ import annotations
@@ -41,6 +45,11 @@ IOU_TYPES = ("segm", "bbox")
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 COCO_MAX_DETS = 100  # COCOeval's standard per-image detection limit
 BACKENDS = ("auto", "pycocotools", "faster_coco_eval")
+# Bins of the ground truth's `visible_fraction` (share of the object not occluded), see
+# `visibility_bin`; metric keys segm/R50_vis_<bin> and segm/n_vis_<bin>.
+VISIBILITY_BINS = ("hi", "mid", "lo")
+VISIBILITY_LABELS = {"hi": "vis>0.9", "mid": "vis 0.5-0.9", "lo": "vis<0.5"}
+COUNT_SCORE_THRESHOLD = 0.3  # predictions counted as duplicates / false merges score >= this
 # Upper bound on the float buffer used when resizing masks to the original size (elements).
 _RESIZE_CHUNK_ELEMENTS = 32 * 1024 * 1024
 
@@ -421,15 +430,19 @@ def evaluate_coco(
     iou_types: Sequence[str] = IOU_TYPES,
     img_ids: Sequence[int] | None = None,
     backend: str = "auto",
+    count_threshold: float = COUNT_SCORE_THRESHOLD,
 ) -> dict[str, Any]:
     """Score COCO results against the ground truth with COCOeval.
 
     Returns flat float metrics `{iou_type}/{AP,AP50,AP75,APs,APm,APl}` at maxDets 100 and,
     when `max_dets` > 100, also `{iou_type}/{name}@{max_dets}` (COCOeval's maxDets becomes
     [1, 10, 100, max_dets]); plus `pr_curve` (segm precision vs recall at `max_dets`) and
-    `params` (the COCOeval params per iou type). `img_ids` restricts the evaluated images
-    (default: every image of the ground truth; images without results count as misses).
-    `backend`: "pycocotools", "faster_coco_eval" or "auto" (the latter when installed).
+    `params` (the COCOeval params per iou type). With segm, also recall at IoU 0.5 by
+    visibility (`recall_by_visibility`) and duplicates / false merges at score >=
+    `count_threshold` (`count_duplicates_and_merges`). `img_ids` restricts the evaluated
+    images (default: every image of the ground truth; images without results count as
+    misses). `backend`: "pycocotools", "faster_coco_eval" or "auto" (the latter when
+    installed).
     """
     backend = _resolve_backend(backend)
     coco_gt = _gt_for_backend(gt, backend)
@@ -437,6 +450,13 @@ def evaluate_coco(
         t: _run_evaluate(coco_gt, results, t, max_dets, img_ids, backend) for t in iou_types
     }
     metrics = _collect(evaluated, max_dets, threshold=None)
+    if "segm" in evaluated:
+        if backend == "pycocotools":
+            matched = evaluated["segm"]
+        else:  # faster-coco-eval's per-image matches are not readable: pycocotools at IoU 0.5
+            pycoco_gt = _gt_for_backend(coco_gt, "pycocotools")
+            matched = _match_at_iou_50(pycoco_gt, results, max_dets, img_ids)
+        metrics.update(_segm_counts(matched, results, max_dets, img_ids, count_threshold))
     logger.info(
         "COCO eval (%s) of %d results on %d images: %s",
         backend,
@@ -455,13 +475,15 @@ def evaluate_thresholds(
     iou_types: Sequence[str] = IOU_TYPES,
     img_ids: Sequence[int] | None = None,
     backend: str = "auto",
+    count_threshold: float = COUNT_SCORE_THRESHOLD,
 ) -> dict[float, dict[str, Any]]:
     """`evaluate_coco` of the results with score >= t, for every t, from one set of results.
 
     The results come from one prediction pass at a low score threshold. With pycocotools the
     per-image matching runs once and each threshold only re-accumulates (exactly the numbers
     of separate passes on the filtered results); faster-coco-eval, whose per-image records
-    live in C++, runs one fast pass per threshold.
+    live in C++, runs one fast pass per threshold (plus pycocotools' matching at IoU 0.5
+    for the recall by visibility).
     """
     backend = _resolve_backend(backend)
     coco_gt = _gt_for_backend(gt, backend)
@@ -472,15 +494,180 @@ def evaluate_thresholds(
             t: _run_evaluate(coco_gt, results, t, max_dets, img_ids, backend) for t in iou_types
         }
         for threshold in ordered:
-            per_threshold[threshold] = _collect(evaluated, max_dets, threshold=threshold)
+            metrics = _collect(evaluated, max_dets, threshold=threshold)
+            if "segm" in evaluated:
+                kept = [r for r in results if r["score"] >= threshold]
+                matched = _filter_by_score(evaluated["segm"], threshold)
+                metrics.update(_segm_counts(matched, kept, max_dets, img_ids, count_threshold))
+            per_threshold[threshold] = metrics
         return per_threshold
+    pycoco_gt = _gt_for_backend(coco_gt, "pycocotools") if "segm" in iou_types else None
     for threshold in ordered:
         kept = [r for r in results if r.get("score", threshold) >= threshold]  # checked later
         evaluated = {
             t: _run_evaluate(coco_gt, kept, t, max_dets, img_ids, backend) for t in iou_types
         }
-        per_threshold[threshold] = _collect(evaluated, max_dets, threshold=None)
+        metrics = _collect(evaluated, max_dets, threshold=None)
+        if pycoco_gt is not None:
+            matched = _match_at_iou_50(pycoco_gt, kept, max_dets, img_ids)
+            metrics.update(_segm_counts(matched, kept, max_dets, img_ids, count_threshold))
+        per_threshold[threshold] = metrics
     return per_threshold
+
+
+# --------------------------------------------------------------------------------------------
+# Recall by visibility, duplicates and false merges
+# --------------------------------------------------------------------------------------------
+
+
+def visibility_bin(fraction: float) -> str:
+    """Bin of a visible fraction: "hi" above 0.9, "mid" from 0.5 to 0.9, "lo" below 0.5."""
+    if fraction > 0.9:
+        return "hi"
+    return "mid" if fraction >= 0.5 else "lo"
+
+
+def _limit_suffix(limit: int) -> str:
+    return "" if limit == COCO_MAX_DETS else f"@{limit}"
+
+
+def recall_by_visibility(coco_eval: COCOeval, max_dets: int = COCO_MAX_DETS) -> dict[str, float]:
+    """Recall at mask IoU 0.5 of the non-crowd ground truth, overall and per visibility bin.
+
+    Reads pycocotools' per-image matching (`evalImgs` after `evaluate()`, area range "all"):
+    an object is recalled when COCOeval matched it at IoU 0.5 to a detection of its class
+    within the first maxDets of that image and class. Crowd regions (gtIgnore) do not count.
+    Returns `segm/R50` and, for objects with a `visible_fraction` field, `segm/R50_vis_<bin>`
+    with the object counts `segm/n_vis_<bin>` (bins: `visibility_bin`); at maxDets 100 and,
+    when `max_dets` > 100, also `...@{max_dets}`. -1 where a bin holds no object; no visibility
+    keys at all when no object has the field (e.g. real data).
+    """
+    params = coco_eval.params
+    if not isinstance(getattr(coco_eval, "evalImgs", None), list):
+        raise EvaluationError("recall_by_visibility needs a pycocotools COCOeval after evaluate()")
+    iou_50 = int(np.argmin(np.abs(np.asarray(params.iouThrs) - 0.5)))
+    if abs(float(params.iouThrs[iou_50]) - 0.5) > 1e-6:
+        raise EvaluationError(f"COCOeval iouThrs {list(params.iouThrs)} lack 0.5")
+    area_all = list(params.areaRng[list(params.areaRngLbl).index("all")])
+    limits = [COCO_MAX_DETS] + ([max_dets] if max_dets > COCO_MAX_DETS else [])
+    found = {limit: {"all": 0} | dict.fromkeys(VISIBILITY_BINS, 0) for limit in limits}
+    counts = {"all": 0} | dict.fromkeys(VISIBILITY_BINS, 0)
+    with_field = 0
+    for record in coco_eval.evalImgs:
+        if record is None or list(record["aRng"]) != area_all:
+            continue
+        rank = {int(d): r for r, d in enumerate(record["dtIds"])}  # dtIds in score order
+        for g, gt_id in enumerate(record["gtIds"]):
+            if record["gtIgnore"][g]:
+                continue
+            fraction = coco_eval.cocoGt.anns[gt_id].get("visible_fraction")
+            groups = ["all"] if fraction is None else ["all", visibility_bin(float(fraction))]
+            with_field += fraction is not None
+            for group in groups:
+                counts[group] += 1
+            # the matched detection's id (0: none); not in dtIds when a score filter dropped it
+            matched = rank.get(int(record["gtMatches"][iou_50, g]))
+            for limit in limits:
+                if matched is not None and matched < limit:
+                    for group in groups:
+                        found[limit][group] += 1
+    metrics: dict[str, float] = {}
+    for limit in limits:
+        suffix = _limit_suffix(limit)
+        for group in ["all", *(VISIBILITY_BINS if with_field else [])]:
+            key = "segm/R50" if group == "all" else f"segm/R50_vis_{group}"
+            metrics[key + suffix] = found[limit][group] / counts[group] if counts[group] else -1.0
+    if with_field:
+        metrics.update({f"segm/n_vis_{b}": float(counts[b]) for b in VISIBILITY_BINS})
+    return metrics
+
+
+def _match_at_iou_50(
+    gt: COCO, results: Sequence[Mapping[str, Any]], max_dets: int, img_ids: Sequence[int] | None
+) -> COCOeval:
+    """pycocotools' segm matching at IoU 0.5, area "all" only: the same per-image matches as
+    a full `evaluate()` at that threshold (each threshold and area range is matched on its
+    own), for a backend whose per-image records cannot be read (faster-coco-eval keeps them
+    in C++ and has no `evalImgs`)."""
+    coco_eval = COCOeval(gt, _load_results(gt, results, "segm"), iouType="segm")
+    params = coco_eval.params
+    params.iouThrs = np.array([0.5])
+    params.areaRng, params.areaRngLbl = [params.areaRng[0]], ["all"]
+    params.maxDets = _max_dets_list(max_dets)
+    if img_ids is not None:
+        params.imgIds = sorted(int(i) for i in img_ids)
+    with _quiet():
+        coco_eval.evaluate()
+    return coco_eval
+
+
+def _segm_counts(
+    matched: COCOeval,
+    results: Sequence[Mapping[str, Any]],
+    max_dets: int,
+    img_ids: Sequence[int] | None,
+    count_threshold: float,
+) -> dict[str, float]:
+    """Recall by visibility from an evaluated pycocotools COCOeval, duplicates and merges."""
+    metrics = recall_by_visibility(matched, max_dets)
+    metrics.update(count_duplicates_and_merges(matched.cocoGt, results, count_threshold, img_ids))
+    return metrics
+
+
+def count_duplicates_and_merges(
+    gt: COCO,
+    results: Sequence[Mapping[str, Any]],
+    score_threshold: float = COUNT_SCORE_THRESHOLD,
+    img_ids: Sequence[int] | None = None,
+) -> dict[str, float]:
+    """Duplicates and false merges among the segm results with score >= `score_threshold`.
+
+    Per image, against the non-crowd ground truth (crowd regions are left out):
+    - duplicate: a prediction whose best-IoU object of its own class (mask IoU >= 0.5) is
+      already the best-IoU object of a higher-scored prediction. The first prediction to
+      reach an object takes it; every later one on it is a duplicate (a split object, or
+      NMS/purifying leaving two masks for one object).
+    - false merge: a prediction that covers two or more objects, of any class, each with at
+      least half of its pixels (|prediction & object| >= 0.5 |object|): one mask for several.
+    Returns `segm/duplicates_thr{t}` and `segm/false_merges_thr{t}` (totals) and the
+    `..._per_img_thr{t}` means over the evaluated images (`img_ids`, default all of `gt`).
+    """
+    ids = [int(i) for i in (gt.getImgIds() if img_ids is None else img_ids)]
+    kept: dict[int, list[Mapping[str, Any]]] = {i: [] for i in ids}
+    for result in results:
+        if result["score"] >= score_threshold and int(result["image_id"]) in kept:
+            kept[int(result["image_id"])].append(result)
+    duplicates = merges = 0
+    for image_id, preds in kept.items():
+        objects = [a for a in gt.imgToAnns.get(image_id, []) if not a.get("iscrowd", 0)]
+        if not preds or not objects:
+            continue
+        preds = sorted(preds, key=lambda r: -r["score"])
+        pred_rles = [r["segmentation"] for r in preds]
+        gt_rles = [gt.annToRLE(a) for a in objects]
+        iou = mask_utils.iou(pred_rles, gt_rles, [0] * len(gt_rles))  # P x G
+        same_class = np.array([r["category_id"] for r in preds])[:, None] == np.array(
+            [a["category_id"] for a in objects]
+        )
+        iou = np.where(same_class, iou, 0.0)
+        taken: set[int] = set()
+        for row in iou:
+            best = int(np.argmax(row))
+            if row[best] >= 0.5:
+                duplicates += best in taken
+                taken.add(best)
+        # with every "ground truth" a crowd, iou(a, b) = |a & b| / |a|: each object's share
+        # covered by each prediction
+        covered = mask_utils.iou(gt_rles, pred_rles, [1] * len(pred_rles))  # G x P
+        merges += int(((covered >= 0.5).sum(axis=0) >= 2).sum())
+    n = max(1, len(ids))
+    t = f"{score_threshold:g}"
+    return {
+        f"segm/duplicates_thr{t}": float(duplicates),
+        f"segm/duplicates_per_img_thr{t}": duplicates / n,
+        f"segm/false_merges_thr{t}": float(merges),
+        f"segm/false_merges_per_img_thr{t}": merges / n,
+    }
 
 
 def scalar_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
@@ -514,6 +701,37 @@ def format_ap_table(metrics: Mapping[str, Any]) -> str:
             row = [f"{iou_type}{' ' + suffix if suffix else ''}"]
             row += [_fmt(metrics.get(k)) for k in keys]
             lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def format_recall_table(metrics: Mapping[str, Any]) -> str:
+    """Markdown table of segm recall at IoU 0.5 (%), overall and per visibility bin, one row
+    per maxDets limit, the objects per bin, and a line with the duplicates and false merges.
+    Empty when the metrics hold no recall (bbox only)."""
+    if "segm/R50" not in metrics:
+        return ""
+    bins = [b for b in VISIBILITY_BINS if f"segm/R50_vis_{b}" in metrics]
+    header = ["R50", *(VISIBILITY_LABELS[b] for b in bins)]
+    lines = ["| | " + " | ".join(header) + " |", "|---" * (len(header) + 1) + "|"]
+    for suffix in _limits(metrics):
+        if f"segm/R50{suffix}" not in metrics:
+            continue
+        keys = ["segm/R50", *(f"segm/R50_vis_{b}" for b in bins)]
+        cells = [f"maxDets {suffix[1:] or COCO_MAX_DETS}"]
+        cells += [_fmt(metrics.get(key + suffix)) for key in keys]
+        lines.append("| " + " | ".join(cells) + " |")
+    if bins:
+        counts = [f"{metrics[f'segm/n_vis_{b}']:.0f}" for b in bins]
+        lines.append("| " + " | ".join(["objects", "-", *counts]) + " |")
+    for key in sorted(k for k in metrics if k.startswith("segm/duplicates_thr")):
+        t = key.removeprefix("segm/duplicates_thr")
+        lines += [
+            "",
+            f"score >= {t}: {metrics[key]:.0f} duplicates "
+            f"({metrics[f'segm/duplicates_per_img_thr{t}']:.2f} per image), "
+            f"{metrics[f'segm/false_merges_thr{t}']:.0f} false merges "
+            f"({metrics[f'segm/false_merges_per_img_thr{t}']:.2f} per image)",
+        ]
     return "\n".join(lines)
 
 

@@ -85,7 +85,7 @@ def resolve_data(data: str | None, cfg: Config, work_dir: str | Path) -> DataSpl
             / "data"
             / (f"crowded-{d.generated_images}x{d.generated_size}-seed{cfg.train.seed}")
         )
-        if not (root / "val" / "annotations.json").is_file():
+        if not synth.is_current(root):  # absent, or from an older generator version
             logger.info("generating the crowded-scenes dataset in %s", root)
             synth.make_dataset(
                 root,
@@ -181,6 +181,9 @@ class ExperimentSummary:
             "",
             evaluate.format_ap_table(self.metrics),
         ]
+        recall = evaluate.format_recall_table(self.metrics)
+        if recall:
+            lines += ["", "Recall (%) at mask IoU 0.5 by visibility:", "", recall]
         if self.thresholds:
             lines += ["", "AP per score threshold (one inference pass):", ""]
             lines.append(evaluate.format_threshold_table(self.thresholds))
@@ -441,7 +444,12 @@ def train_and_evaluate(
                     indent=1,
                 )
             )
-            (tmp / "ap_table.md").write_text(evaluate.format_ap_table(metrics) + "\n")
+            (tmp / "ap_table.md").write_text(
+                evaluate.format_ap_table(metrics)
+                + "\n\n"
+                + evaluate.format_recall_table(metrics)
+                + "\n"
+            )
             mlflow.log_artifact(str(tmp / "results.json"))
             mlflow.log_artifact(str(tmp / "ap_table.md"))
             if metrics.get("pr_curve"):

@@ -7,6 +7,10 @@ Simple visible parts are written as polygons, split or holed ones (every ring) a
 compressed RLE, and a few crowd regions as uncompressed RLE with ``iscrowd=1``, as COCO
 does. Category ids have gaps (1, 2, 4, 7, 9) to exercise contiguous-id mapping.
 
+Every non-crowd annotation also carries ``visible_fraction``: its visible pixels over the
+pixels of the full (amodal) shape inside the image, rounded to 4 decimals; 1.0 for an
+unoccluded object. COCO readers ignore the extra field; evaluation bins recall by it.
+
 Image ``k`` depends only on ``(seed, k)`` and ``size``: generating more images appends
 to the dataset without changing the earlier ones.
 """
@@ -38,6 +42,9 @@ CATEGORIES: tuple[dict[str, Any], ...] = (
 """COCO categories of the generated data; the ids have gaps on purpose."""
 
 SPLITS = ("train", "val")
+GENERATOR_VERSION = "2"
+"""Written as ``info.version``; "2" added ``visible_fraction`` (images and other fields as in
+"1"), so a cached dataset of an older version is regenerated (`is_current`)."""
 MIN_VISIBLE_AREA = 12
 """Instances whose visible part has fewer pixels than this are not annotated."""
 
@@ -100,7 +107,7 @@ def make_dataset(
         coco: dict[str, Any] = {
             "info": {
                 "description": f"PEP crowded shapes (synthetic), split {split}",
-                "version": "1",
+                "version": GENERATOR_VERSION,
                 "size": size,
                 "seed": seed,
             },
@@ -154,6 +161,19 @@ def make_dataset(
     return summary
 
 
+def is_current(out_dir: str | os.PathLike) -> bool:
+    """Whether ``out_dir`` holds both splits as this version of the generator writes them."""
+    for split in SPLITS:
+        path = Path(out_dir) / split / "annotations.json"
+        try:
+            info = json.loads(path.read_text()).get("info", {})
+        except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+            return False
+        if info.get("version") != GENERATOR_VERSION:
+            return False
+    return True
+
+
 def _split_of(index: int, val_fraction: float) -> str:
     """``val`` for every ``1/val_fraction``-th index, independent of the dataset size."""
     step = int((index + 1) * val_fraction + 1e-9) - int(index * val_fraction + 1e-9)
@@ -166,7 +186,8 @@ def render_image(
     """Draw image ``index`` of the dataset seeded with ``seed``.
 
     Returns the H x W x 3 uint8 pixels, the COCO annotations without ``id``/``image_id``
-    (visible parts of the objects, in drawing order, crowd region first), and counts of
+    (visible parts of the objects, in drawing order, crowd region first; each object's with
+    its ``visible_fraction``), and counts of
     drawn objects and of those whose shape overlaps another's (``drawn``, ``overlapped``).
     """
     rng = np.random.default_rng([seed, index])
@@ -418,6 +439,8 @@ def _instance_annotation(shape: _Shape, visible: np.ndarray) -> dict[str, Any] |
         "area": float(area),
         "bbox": _box_of(visible),
         "iscrowd": 0,
+        # visible pixels / pixels of the full shape as rasterised inside the image
+        "visible_fraction": round(area / shape.area, 4),
     }
 
 

@@ -94,6 +94,34 @@ def test_table_shows_mean_and_spread_over_seeds_and_na_for_missing_sizes(bench):
     assert "| PEP (both) | 1 | 0.500 | 0.500 | 0.500 |" in text
 
 
+def test_recall_table_reads_visibility_bins_and_counts_at_the_detection_limit(bench):
+    def run(model, seed, lo, suffix=""):
+        metrics = {
+            f"segm/R50{suffix}": 0.5, f"segm/R50_vis_hi{suffix}": 0.6,
+            f"segm/R50_vis_mid{suffix}": 0.4, f"segm/R50_vis_lo{suffix}": lo,
+            "segm/n_vis_hi": 238.0, "segm/n_vis_mid": 53.0, "segm/n_vis_lo": 24.0,
+            "segm/duplicates_per_img_thr0.3": 0.25 * seed, "segm/false_merges_per_img_thr0.3": 0.1,
+        }  # fmt: skip
+        return {"model": model, "seed": seed, "metrics": metrics}
+
+    text = bench.recall_table(
+        [run("pep", 1, 0.1), run("pep", 2, 0.3), run("maskrcnn", 1, 0.2)], ["pep", "maskrcnn"], 100
+    )
+    lines = text.splitlines()
+    assert lines[0] == (
+        "| model | seeds | R50 | vis>0.9 (n=238) | vis 0.5-0.9 (n=53) | vis<0.5 (n=24) "
+        "| duplicates/img | false merges/img |"
+    )
+    assert lines[2] == (
+        "| PEP (both) | 1,2 | 0.500 ± 0.000 | 0.600 ± 0.000 | 0.400 ± 0.000 | 0.200 ± 0.141 "
+        "| 0.38 ± 0.18 | 0.10 ± 0.00 |"
+    )
+    assert lines[3].startswith("| Mask R-CNN | 1 | 0.500 |")
+    raised = bench.recall_table([run("pep", 1, 0.1, suffix="@400")], ["pep"], 400)
+    assert "| R50@400 | vis>0.9@400 (n=238) |" in raised
+    assert "| PEP (both) | 1 | 0.500 | 0.600 | 0.400 | 0.100 | 0.25 | 0.10 |" in raised
+
+
 def test_report_reprints_the_tables_and_loss_terms_of_a_saved_run(bench, tmp_path, capsys):
     def run(model, seed, ap, loss):
         return {
@@ -145,6 +173,9 @@ def test_report_reprints_the_tables_and_loss_terms_of_a_saved_run(bench, tmp_pat
 
 def _assert_report(out: str) -> None:
     assert "| PEP (both) | 1,2 | 0.200 ± 0.141 |" in out
+    # files from before recall by visibility: its table is there, every cell n/a
+    assert "| model | seeds | R50 | vis>0.9 | vis 0.5-0.9 | vis<0.5 |" in out
+    assert "| PEP (both) | 1,2 | n/a | n/a | n/a | n/a | n/a | n/a |" in out
     assert "| Mask R-CNN (torchvision, 64-wide) | 1 | 0.200 |" in out
     # first / last epoch, mean over seeds: pep loss (2+6)/2 -> (1+3)/2, loss_mask 2 -> 0.5
     assert "| pep | loss | 4.000 | 2.000 |" in out and "| pep | loss_mask | 2.000 | 0.500 |" in out
@@ -177,6 +208,11 @@ def test_save_dir_writes_pep_checkpoints_that_load_and_score_the_same(
     metrics, _ = bench.evaluate_model(model, splits, 100)
     (run,) = json.loads(out.read_text())["runs"]
     assert metrics["segm/AP"] == pytest.approx(run["metrics"]["segm/AP"], abs=1e-9)
+    # the val ground truth is the generator's annotations.json: every object has a visibility
+    gt = json.loads(Path(splits.val_annotations).read_text())["annotations"]
+    bins = [run["metrics"][f"segm/n_vis_{b}"] for b in ("hi", "mid", "lo")]
+    assert sum(bins) == sum(not a["iscrowd"] for a in gt) > 0
+    assert 0.0 <= run["metrics"]["segm/R50_vis_hi"] <= 1.0
 
 
 def test_budget_plans_whole_epochs_and_keeps_the_schedule_shape(bench):

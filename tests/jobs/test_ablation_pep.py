@@ -31,8 +31,10 @@ def _outcome(variant: str, seed: int, ap: float, **kw) -> ablation.RunOutcome:
     return ablation.RunOutcome(variant, seed, f"t-{variant}-s{seed}", metrics=metrics, **kw)
 
 
-def _row(table: str, label: str) -> list[str]:
-    (line,) = [line for line in table.splitlines() if line.startswith(f"| {label} ")]
+def _row(table: str, label: str, part: int = 0) -> list[str]:
+    """Cells of a variant's row in the AP table (part 0) or the recall table (part 1)."""
+    tables = [t for t in table.split("\n\n") if t.startswith("|")]
+    (line,) = [line for line in tables[part].splitlines() if line.startswith(f"| {label} ")]
     return [cell.strip() for cell in line.strip("|").split("|")]
 
 
@@ -57,6 +59,42 @@ def test_table_with_one_seed_shows_no_std():
     table = ablation.format_table([_outcome("pep", 7, 0.123, train_seconds=5)])
     assert _row(table, "PEP")[1:3] == ["12.3", "12.3"]
     assert "±" not in _row(table, "PEP")[-2]
+
+
+def test_recall_table_shows_visibility_bins_duplicates_and_merges():
+    def recall(lo, dup):
+        counts = {"segm/n_vis_hi": 238.0, "segm/n_vis_mid": 53.0, "segm/n_vis_lo": 24.0}
+        return {
+            "segm/R50": 0.5, "segm/R50_vis_hi": 0.6, "segm/R50_vis_mid": 0.4,
+            "segm/R50_vis_lo": lo, "segm/duplicates_per_img_thr0.3": dup,
+            "segm/false_merges_per_img_thr0.3": 0.25, **counts,
+        }  # fmt: skip
+
+    outcomes = [
+        _outcome("baseline", 1, 0.3, train_seconds=1),
+        _outcome("baseline", 2, 0.4, train_seconds=1),
+        _outcome("excavating", 1, 0.3, train_seconds=1),
+        ablation.RunOutcome("pep", 1, "t-pep-s1", error="OSError: disk full"),
+    ]
+    outcomes[0].metrics |= recall(0.10, dup=1.0)
+    outcomes[1].metrics |= recall(0.20, dup=2.0)
+    outcomes[2].metrics |= recall(0.30, dup=0.5)
+    table = ablation.format_table(outcomes)
+    header = [line for line in table.splitlines() if "R50" in line and line.startswith("|")]
+    assert header == [
+        "|  | R50 | vis>0.9 (n=238) | vis 0.5-0.9 (n=53) | vis<0.5 (n=24) | duplicates/img "
+        "| false merges/img |"
+    ]
+    assert _row(table, "Baseline", part=1) == [
+        "Baseline", "50.0 ± 0.0", "60.0 ± 0.0", "40.0 ± 0.0", "15.0 ± 7.1", "1.50 ± 0.71",
+        "0.25 ± 0.00",
+    ]  # fmt: skip
+    assert _row(table, "+excavating", part=1)[4] == "30.0"
+    assert _row(table, "PEP", part=1)[1:] == ["failed"] * 6
+    assert _row(table, "Baseline")[1] == "35.0 ± 7.1"  # the AP table is unchanged
+    # data without visible_fraction (e.g. nuclei): bins show "-", headers carry no count
+    plain = ablation.format_table([_outcome("baseline", 1, 0.3) for _ in range(1)])
+    assert "| vis<0.5 |" in plain and _row(plain, "Baseline", part=1)[1:] == ["-"] * 6
 
 
 def test_failed_runs_are_marked_with_their_reason():

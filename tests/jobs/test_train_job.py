@@ -72,6 +72,11 @@ def test_run_records_config_metrics_tags_and_artifacts(finished_job):
     for key in ("segm/AP", "segm/AP50", "bbox/AP", "segm/APs"):
         assert run.data.metrics[key] == pytest.approx(results["metrics"][key])
         assert 0.0 <= results["metrics"][key] <= 1.0 or results["metrics"][key] == -1
+    # recall by visibility: the generated val objects' visible_fraction reaches MLflow
+    assert run.data.metrics["segm/n_vis_hi"] > 0 and "segm/duplicates_thr0.3" in run.data.metrics
+    for key in ("segm/R50", "segm/R50_vis_hi", "segm/R50_vis_mid", "segm/R50_vis_lo"):
+        assert run.data.metrics[key] == pytest.approx(results["metrics"][key])
+    assert "val/segm/R50_vis_hi" in run.data.metrics  # validation beside training too
 
 
 def test_existing_name_without_resume_is_refused(finished_job, tiny_coco, tiny_overrides, capsys):

@@ -17,9 +17,11 @@ from pipeline.evaluate import (
     METRIC_NAMES,
     EvaluationError,
     coco_from_annotations,
+    count_duplicates_and_merges,
     evaluate_coco,
     evaluate_thresholds,
     format_ap_table,
+    format_recall_table,
     format_threshold_table,
     plot_pr_curve,
     predictions_to_coco_results,
@@ -362,3 +364,181 @@ def test_tables_and_pr_plot(toy_gt, tmp_path):
     assert format_threshold_table(per_threshold).splitlines()[2].startswith("| 0.1 |")
     png = plot_pr_curve(metrics["pr_curve"], tmp_path / "pr.png")
     assert png.stat().st_size > 1000
+
+
+# ---------------------------------------------------------------- recall by visibility, counts
+
+
+def _result(image_id, category_id, mask, score) -> dict:
+    rle = _rle(mask)
+    return {
+        "image_id": image_id,
+        "category_id": category_id,
+        "segmentation": rle,
+        "bbox": [float(v) for v in mask_utils.toBbox(rle)],
+        "score": score,
+    }
+
+
+@pytest.fixture(scope="module")
+def visibility_case() -> tuple[dict, list[dict]]:
+    """One 100 x 100 image: GT objects with known visible fractions, and which are recalled.
+
+    Recalled at IoU 0.5: A (hi), C and H (mid), E (lo), G (no field). Missed: B (a prediction
+    of the wrong class), D (IoU 1/3), F (no prediction). The crowd region is ignored.
+    """
+    h = w = 100
+    objects = [  # name, category, box x0 y0 x1 y1, visible_fraction
+        ("A", 1, (0, 0, 20, 20), 1.0),
+        ("B", 1, (0, 30, 20, 50), 0.95),
+        ("C", 1, (30, 0, 50, 20), 0.7),
+        ("D", 2, (60, 60, 80, 80), 0.9),
+        ("H", 2, (60, 30, 80, 50), 0.5),
+        ("E", 2, (30, 30, 50, 50), 0.3),
+        ("F", 1, (0, 60, 20, 80), 0.49),
+        ("G", 1, (60, 0, 80, 20), None),
+    ]
+    annotations = []
+    for k, (_, category, box, fraction) in enumerate(objects):
+        ann = _annotation(k + 1, 1, category, _box_mask(h, w, *box))
+        if fraction is not None:
+            ann["visible_fraction"] = fraction
+        annotations.append(ann)
+    annotations.append(_annotation(20, 1, 1, _box_mask(h, w, 85, 85, 100, 100), iscrowd=1))
+    gt = {
+        "images": [{"id": 1, "file_name": "1.jpg", "height": h, "width": w}],
+        "annotations": annotations,
+        "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}],
+    }
+    results = [
+        _result(1, 1, _box_mask(h, w, 0, 0, 20, 20), 0.9),  # A, exact
+        _result(1, 2, _box_mask(h, w, 0, 30, 20, 50), 0.9),  # B's mask, wrong class
+        _result(1, 1, _box_mask(h, w, 34, 0, 54, 20), 0.8),  # C, IoU 2/3
+        _result(1, 2, _box_mask(h, w, 70, 60, 90, 80), 0.8),  # D, IoU 1/3
+        _result(1, 2, _box_mask(h, w, 60, 30, 80, 50), 0.7),  # H, exact
+        _result(1, 2, _box_mask(h, w, 30, 30, 50, 50), 0.6),  # E, exact
+        _result(1, 1, _box_mask(h, w, 60, 0, 80, 20), 0.5),  # G, exact
+        _result(1, 1, _box_mask(h, w, 85, 85, 100, 100), 0.95),  # on the crowd region
+    ]
+    return gt, results
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_recall_by_visibility_counts_cocoeval_matches_per_bin(visibility_case, backend):
+    gt, results = visibility_case
+    metrics = evaluate_coco(gt, results, backend=backend)
+    assert metrics["segm/R50"] == pytest.approx(5 / 8)  # G, without the field, counts here
+    assert metrics["segm/R50_vis_hi"] == pytest.approx(1 / 2)  # A of A, B
+    assert metrics["segm/R50_vis_mid"] == pytest.approx(2 / 3)  # C, H of C, D (0.9), H (0.5)
+    assert metrics["segm/R50_vis_lo"] == pytest.approx(1 / 2)  # E of E, F
+    assert [metrics[f"segm/n_vis_{b}"] for b in ("hi", "mid", "lo")] == [2, 3, 2]
+    assert "segm/R50@100" not in metrics and "bbox/R50" not in metrics
+    assert metrics["pr_curve"]  # the AP part is untouched
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_recall_without_visible_fraction_gives_overall_recall_only(visibility_case, backend):
+    gt, results = visibility_case
+    gt = copy.deepcopy(gt)
+    for ann in gt["annotations"]:
+        ann.pop("visible_fraction", None)
+    metrics = evaluate_coco(gt, results, backend=backend)
+    assert metrics["segm/R50"] == pytest.approx(5 / 8)
+    assert not [k for k in metrics if "vis" in k]
+    assert "R50" not in evaluate_coco(gt, results, iou_types=("bbox",), backend=backend)
+
+
+def test_recall_respects_max_dets_per_image_and_class(visibility_case):
+    gt, results = visibility_case
+    h = w = 100
+    # 100 higher-scored class-1 predictions on empty pixels push A's match to rank 101
+    noise = [_result(1, 1, _box_mask(h, w, 90, 0, 92, 2), 0.99) for _ in range(100)]
+    metrics = evaluate_coco(gt, results + noise, max_dets=200, backend="pycocotools")
+    assert metrics["segm/R50"] == pytest.approx(2 / 8)  # only class 2 (H, E) within 100
+    assert metrics["segm/R50_vis_hi"] == 0.0
+    assert metrics["segm/R50@200"] == pytest.approx(5 / 8)
+    assert metrics["segm/R50_vis_hi@200"] == pytest.approx(1 / 2)
+
+
+def test_recall_bins_of_empty_bins_are_minus_one(visibility_case):
+    gt, _ = visibility_case
+    gt = copy.deepcopy(gt)
+    for ann in gt["annotations"]:
+        if "visible_fraction" in ann:
+            ann["visible_fraction"] = 1.0
+    metrics = evaluate_coco(gt, [], backend="pycocotools")
+    assert metrics["segm/R50"] == metrics["segm/R50_vis_hi"] == 0.0
+    assert metrics["segm/R50_vis_mid"] == metrics["segm/R50_vis_lo"] == -1.0
+    assert metrics["segm/n_vis_hi"] == 7 and metrics["segm/n_vis_lo"] == 0
+
+
+@pytest.fixture(scope="module")
+def crowding_case() -> tuple[dict, list[dict]]:
+    """Objects P, Q (class 1, side by side), R (class 2), a crowd region; an empty image 2."""
+    h = w = 100
+    P, Q, R = (10, 10, 30, 30), (32, 10, 52, 30), (60, 60, 80, 80)  # noqa: N806
+    annotations = [
+        _annotation(1, 1, 1, _box_mask(h, w, *P)),
+        _annotation(2, 1, 1, _box_mask(h, w, *Q)),
+        _annotation(3, 1, 2, _box_mask(h, w, *R)),
+        _annotation(4, 1, 1, _box_mask(h, w, 0, 80, 40, 100), iscrowd=1),
+    ]
+    half_r = _box_mask(h, w, 60, 60, 80, 70)  # exactly half of R
+    results = [
+        _result(1, 1, _box_mask(h, w, *P), 0.9),  # takes P
+        _result(1, 1, _box_mask(h, w, 12, 10, 32, 30), 0.8),  # P again (IoU 0.82): duplicate
+        _result(1, 1, _box_mask(h, w, 10, 10, 52, 30), 0.7),  # P + Q in one mask: merge
+        _result(1, 2, _box_mask(h, w, *R), 0.6),  # takes R
+        _result(1, 2, _box_mask(h, w, *P), 0.5),  # P's mask, other class: neither
+        _result(1, 1, half_r | _box_mask(h, w, 0, 80, 40, 100), 0.4),  # R + crowd: neither
+        _result(1, 2, half_r | _box_mask(h, w, 10, 10, 30, 20), 0.35),  # half R + half P: merge
+        _result(1, 2, _box_mask(h, w, *R), 0.2),  # R again, below the default threshold
+    ]
+    gt = {
+        "images": [{"id": i, "file_name": f"{i}.jpg", "height": h, "width": w} for i in (1, 2)],
+        "annotations": annotations,
+        "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}],
+    }
+    return gt, results
+
+
+def test_duplicates_and_false_merges_on_hand_built_masks(crowding_case):
+    gt, results = crowding_case
+    coco = coco_from_annotations(gt)
+    counts = count_duplicates_and_merges(coco, results)  # score >= 0.3
+    assert counts == {
+        "segm/duplicates_thr0.3": 1.0,
+        "segm/duplicates_per_img_thr0.3": 0.5,  # over both images, the empty one included
+        "segm/false_merges_thr0.3": 2.0,
+        "segm/false_merges_per_img_thr0.3": 1.0,
+    }
+    low = count_duplicates_and_merges(coco, results, score_threshold=0.1, img_ids=[1])
+    assert low["segm/duplicates_thr0.1"] == 2.0 and low["segm/false_merges_thr0.1"] == 2.0
+    assert low["segm/duplicates_per_img_thr0.1"] == 2.0
+    none = count_duplicates_and_merges(coco, results, score_threshold=0.95)
+    assert none["segm/duplicates_thr0.95"] == none["segm/false_merges_thr0.95"] == 0.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_evaluate_coco_reports_duplicates_and_merges(crowding_case, backend):
+    gt, results = crowding_case
+    metrics = evaluate_coco(gt, results, backend=backend)
+    assert metrics["segm/duplicates_thr0.3"] == 1.0
+    assert metrics["segm/false_merges_thr0.3"] == 2.0
+    assert evaluate_coco(gt, results, count_threshold=0.1)["segm/duplicates_thr0.1"] == 2.0
+
+
+def test_recall_table_and_metric_names_suit_mlflow(visibility_case, crowding_case):
+    from mlflow.utils.validation import _validate_metric_name
+
+    metrics = evaluate_coco(*visibility_case, max_dets=200)
+    for key in [*scalar_metrics(metrics), *scalar_metrics(evaluate_coco(*crowding_case))]:
+        _validate_metric_name(key.replace("@", "_at_"))  # as experiment.py logs them
+    lines = format_recall_table(metrics).splitlines()
+    assert lines[0] == "| | R50 | vis>0.9 | vis 0.5-0.9 | vis<0.5 |"
+    assert lines[2] == "| maxDets 100 | 62.5 | 50.0 | 66.7 | 50.0 |"
+    assert lines[3].startswith("| maxDets 200 | 62.5 |")
+    assert lines[4] == "| objects | - | 2 | 3 | 2 |"
+    assert "score >= 0.3: 0 duplicates (0.00 per image), 0 false merges" in lines[-1]
+    crowding = format_recall_table(evaluate_coco(*crowding_case)).splitlines()
+    assert crowding[0] == "| | R50 |" and "1 duplicates (0.50 per image)" in crowding[-1]

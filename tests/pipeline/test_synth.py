@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -17,10 +18,18 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from pipeline import synth
 from pipeline.synth import CATEGORIES, MIN_VISIBLE_AREA, make_dataset, trace_outline
 
 REPO = Path(__file__).resolve().parents[2]
 IMAGES, SMALL, SIZE = 100, 25, 256
+# sha256 of `render_image`'s pixels, annotations (without `visible_fraction`) and stats for
+# images 0..n-1 of (seed, size, n), computed on main at 0fc58d3, before the field existed;
+# both sets hold a crowd region (seed 1: image 1, seed 3: image 26)
+BEFORE_VISIBLE_FRACTION = {
+    (1, 192, 12): "19d351d08903c3d82ae848a500f7db5f2e864625a5c40f3fd5d6edaca155d39b",
+    (3, 64, 30): "09d61327a1d5adb26f49e5fe248c5dcda4933eb3ab12d7cc2fd8b20fc491c8dd",
+}
 
 
 @pytest.fixture(scope="module")
@@ -317,3 +326,74 @@ def test_cli_writes_the_coco_layout(tmp_path):
         assert all(im["width"] == 128 for im in data["images"])
         counts[split] = len(images)
     assert counts == {"train": 16, "val": 4}
+
+
+@pytest.mark.parametrize("seed_size_n", sorted(BEFORE_VISIBLE_FRACTION), ids=str)
+def test_visible_fraction_changes_no_pixel_and_no_other_field(seed_size_n):
+    seed, size, n = seed_size_n
+    digest = hashlib.sha256()
+    for k in range(n):
+        pixels, anns, stats = synth.render_image(k, size=size, seed=seed)
+        anns = [{key: v for key, v in a.items() if key != "visible_fraction"} for a in anns]
+        digest.update(pixels.tobytes())
+        digest.update(json.dumps(anns, sort_keys=True).encode())
+        digest.update(json.dumps(stats, sort_keys=True).encode())
+    assert digest.hexdigest() == BEFORE_VISIBLE_FRACTION[seed_size_n]
+
+
+def test_visible_fraction_is_visible_over_full_shape_pixels(monkeypatch):
+    """Rebuild occlusion from the painted amodal masks (later shapes cover earlier ones) and
+    compare each annotation's decoded mask and fraction with it."""
+    painted: list[np.ndarray] = []
+    paint = synth._paint
+
+    def recording_paint(rng, pixels, owner, shape, index, colour=None):
+        assert index == len(painted)
+        painted.append(shape.mask.copy())
+        paint(rng, pixels, owner, shape, index, colour)
+
+    monkeypatch.setattr(synth, "_paint", recording_paint)
+    seen = {"whole": 0, "occluded": 0, "mostly_hidden": 0}
+    for k in range(12):
+        painted.clear()
+        _, anns, _ = synth.render_image(k, size=128, seed=1)
+        visible = []
+        for j, full in enumerate(painted):
+            later = np.zeros_like(full)
+            for mask in painted[j + 1 :]:
+                later |= mask
+            visible.append((full, full & ~later))
+        for ann in anns:
+            if ann["iscrowd"]:
+                assert "visible_fraction" not in ann
+                continue
+            rle = ann["segmentation"]  # polygons, or compressed RLE with str counts
+            if isinstance(rle, list):
+                rle = mask_utils.merge(mask_utils.frPyObjects(rle, 128, 128))
+            mask = mask_utils.decode(rle).astype(bool)
+            (full, shown), *others = [v for v in visible if np.array_equal(v[1], mask)]
+            assert all(int(f.sum()) == int(full.sum()) for f, _ in others)  # same shape twice
+            expected = round(int(shown.sum()) / int(full.sum()), 4)
+            assert ann["visible_fraction"] == expected
+            seen["whole"] += expected == 1.0
+            seen["occluded"] += expected < 1.0
+            seen["mostly_hidden"] += expected < 0.5
+    assert seen["whole"] >= 10 and seen["occluded"] >= 5 and seen["mostly_hidden"] >= 1, seen
+
+
+def test_every_instance_has_a_visible_fraction_and_the_version_is_current(small_dataset):
+    fractions = [a["visible_fraction"] for a in _all_anns(small_dataset) if not a["iscrowd"]]
+    assert len(fractions) == len([a for a in _all_anns(small_dataset) if not a["iscrowd"]])
+    assert all(0 < f <= 1 for f in fractions) and 1.0 in fractions and min(fractions) < 0.5
+    assert synth.is_current(small_dataset)
+
+
+def test_a_dataset_of_an_older_generator_is_not_current(tmp_path):
+    make_dataset(tmp_path, images=3, size=64, seed=0)
+    assert synth.is_current(tmp_path)
+    path = tmp_path / "val" / "annotations.json"
+    data = json.loads(path.read_text())
+    data["info"]["version"] = "1"
+    path.write_text(json.dumps(data))
+    assert not synth.is_current(tmp_path)
+    assert not synth.is_current(tmp_path / "absent")
