@@ -151,11 +151,27 @@ def validate_checkpoint(
         metrics = inference.evaluate_checkpoint_local(
             Path(ckpt_dir) / CHECKPOINT_FILE, val_shards, val_annotations, max_dets=max_dets
         )
-    scalars = {f"val/{k}": v for k, v in evaluate.scalar_metrics(metrics).items()}
-    scalars["val/epoch"] = epoch
+    scalars = validation_scalars(metrics, epoch)
     if run_id and tracking_uri:
         tracking.log_metrics_safely(run_id, scalars, step=epoch, tracking_uri=tracking_uri)
     return scalars
+
+
+def validation_scalars(metrics: dict[str, Any], epoch: int) -> dict[str, float]:
+    """The `val/...` metrics of one checkpoint's evaluation, logged at its epoch."""
+    scalars = {f"val/{k}": v for k, v in evaluate.scalar_metrics(metrics).items()}
+    scalars["val/epoch"] = epoch
+    return scalars
+
+
+def final_evaluation_validates(cfg: Config) -> bool:
+    """True when the final evaluation of the last checkpoint gives exactly what a validation
+    of it would: validation predicts at the model's `score_threshold`, the final evaluation at
+    the lowest of `eval.score_thresholds` (same `max_dets`, val split and checkpoint). Then
+    the last epoch needs no validation task; its `val/...` metrics come from the final
+    evaluation."""
+    thresholds = cfg.eval.score_thresholds
+    return not thresholds or min(thresholds) == cfg.model.score_threshold
 
 
 # ----------------------------------------------------------------------------- experiment
@@ -201,6 +217,10 @@ class ExperimentSummary:
 
 
 OVERLAY_MIN_SIZE = 384  # small images are drawn upscaled to this longer side
+# Val splits up to this many images are evaluated in the driver's process: starting Ray Data
+# and a model replica costs more than their inference (issue 17: 8 images, 15.2 s through a
+# replica, ~2 s here). Larger ones go to `eval.num_replicas` Ray Data replicas.
+EVAL_IN_PROCESS_MAX_IMAGES = 100
 
 
 def _overlays(checkpoint: str, val_shards: str, categories: CategoryMap, out_dir: Path, n: int):
@@ -312,11 +332,16 @@ def train_and_evaluate(
     overlays: int = 4,
     callbacks: list | None = None,
     quiet: bool = False,
+    eval_in_process_max_images: int = EVAL_IN_PROCESS_MAX_IMAGES,
 ) -> ExperimentSummary:
     """Data, training (Ray Train), evaluation (Ray Data + COCOeval) and MLflow for one run.
 
     `callbacks` go to the TorchTrainer's RunConfig (the sweep passes Tune's
     `TuneReportCallback` here); `parent_run_id` nests the MLflow run under a sweep/ablation.
+    With `validate`, the checkpoints of every `eval.every_epochs` epochs are validated beside
+    training; the last one is validated by the final evaluation when that gives the same
+    numbers (`final_evaluation_validates`), else by a validation task too. Val splits of at
+    most `eval_in_process_max_images` images are evaluated in this process.
     A line per epoch is logged (`pipeline.progress`); `quiet` keeps only the warnings and
     errors of Ray Train (`run_training`) and, in a local Ray started here, of Ray Data and
     MLflow (`cluster.init_ray`).
@@ -381,6 +406,7 @@ def train_and_evaluate(
                 # group captures child tasks) the task would not fit the trial's bundle.
                 ray_remote_kwargs={"num_cpus": VALIDATION_CPUS, "scheduling_strategy": "DEFAULT"},
             )
+        validate_last = validation is not None and not final_evaluation_validates(cfg)
         train_start = time.perf_counter()
         reporter = progress.EpochReporter(
             mlflow.MlflowClient(tracking_uri), run_id, cfg.train.epochs
@@ -398,6 +424,7 @@ def train_and_evaluate(
                 mlflow_run=(run_id, tracking_uri),
                 callbacks=callbacks,
                 quiet=quiet,
+                validate_last=validate_last,
             )
         train_seconds = time.perf_counter() - train_start
         checkpoint = str(Path(trained.checkpoint_path) / CHECKPOINT_FILE)
@@ -412,8 +439,20 @@ def train_and_evaluate(
             num_replicas=cfg.eval.num_replicas,
             batch_size=cfg.eval.batch_size,
             use_gpu=use_gpu if use_gpu is not None else cfg.train.use_gpu,
+            in_process_max_images=eval_in_process_max_images,
         )
         eval_seconds = time.perf_counter() - eval_start
+        if validation is not None and not validate_last:
+            epoch = int(trained.result.metrics.get("epoch", cfg.train.epochs - 1))
+            tracking.log_metrics_safely(
+                run_id, validation_scalars(metrics, epoch), step=epoch, tracking_uri=tracking_uri
+            )
+            logger.info(
+                "validation after epoch %d/%d (the final evaluation): segm AP %.3f",
+                epoch + 1,
+                cfg.train.epochs,
+                metrics["segm/AP"],
+            )
         eval_images = read_manifest(splits.val_shards)["counts"]["images_written"]
         mlflow.log_metrics(
             {

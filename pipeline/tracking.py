@@ -224,6 +224,35 @@ class PEPPyfunc(mlflow.pyfunc.PythonModel):
         return pd.DataFrame(rows, columns=columns)
 
 
+# What the logged model imports (pep_model/, the pyfunc wrapper), as pip distributions.
+MODEL_DISTRIBUTIONS = (
+    "mlflow",
+    "torch",
+    "torchvision",
+    "numpy",
+    "pandas",
+    "pillow",
+    "pycocotools",
+    "pyyaml",
+)
+
+
+def model_requirements() -> list[str]:
+    """The logged model's pip requirements: `MODEL_DISTRIBUTIONS` pinned to the installed
+    versions. Given explicitly, MLflow does not infer them, which loads the model in a
+    subprocess to see what it imports (~10 s per logged model) and found neither torch nor
+    pycocotools here (the pyfunc imports them inside its methods)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    pinned = []
+    for name in MODEL_DISTRIBUTIONS:
+        try:
+            pinned.append(f"{name}=={version(name)}")
+        except PackageNotFoundError:
+            pinned.append(name)
+    return pinned
+
+
 def log_pep_model(
     checkpoint_path: str | Path,
     categories: dict[int, str],
@@ -247,6 +276,7 @@ def log_pep_model(
             ),
             input_example=input_example,
             code_paths=[str(PROJECT_ROOT / d) for d in ("pep_model", "pipeline")],
+            pip_requirements=model_requirements(),
         )
 
 

@@ -304,7 +304,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if rank == 0 and loop_config.get("mlflow_run"):
             run_id, tracking_uri = loop_config["mlflow_run"]
             log_metrics_safely(run_id, metrics, step=epoch, tracking_uri=tracking_uri)
-        validate = (epoch + 1) % max(cfg.eval.every_epochs, 1) == 0 or epoch + 1 == cfg.train.epochs
+        last = epoch + 1 == cfg.train.epochs
+        validate = (epoch + 1) % max(cfg.eval.every_epochs, 1) == 0 or last
+        if last and not loop_config.get("validate_last", True):
+            validate = False  # the driver's final evaluation of this checkpoint stands for it
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
@@ -354,11 +357,14 @@ def run_training(
     callbacks: list | None = None,
     mlflow_run: tuple[str, str] | None = None,
     quiet: bool = False,
+    validate_last: bool = True,
 ) -> TrainingRun:
     """Train PEP on the shards in `train_shards` with a TorchTrainer.
 
     Refuses to reuse `storage_path/name` unless `resume` is set; with `resume` Ray Train
     restores the run's last checkpoint (`ray.train.get_checkpoint()` in the workers).
+    `validation_config` validates every `eval.every_epochs` epochs and the last one; with
+    `validate_last=False` not the last one (when the caller evaluates that checkpoint itself).
     `quiet`: Ray Train's controller and workers log only warnings and errors (no per-report
     TrainingReport dumps or checkpoint notices).
     """
@@ -396,6 +402,7 @@ def run_training(
             "name": name,
             "probe_token": token,
             "validate": validation_config is not None,
+            "validate_last": validate_last,
             "mlflow_run": mlflow_run,
             "quiet": quiet,
         },

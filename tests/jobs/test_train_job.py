@@ -52,9 +52,15 @@ def test_run_records_config_metrics_tags_and_artifacts(finished_job):
     for key in ("loss_perceive", "loss_excavate", "loss_mined_cls", "loss_graph", "loss_mask"):
         assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [0, 1, 2]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "images_per_s")] == [0, 1, 2]
-    # validation beside training (Ray Train ValidationConfig): every 2nd epoch and the last
-    val_steps = {m.step for m in client.get_metric_history(run.info.run_id, "val/segm/AP")}
-    assert val_steps == {1, 2}
+    # validation beside training (Ray Train ValidationConfig): every 2nd epoch and the last;
+    # the last once, from the final evaluation of the same checkpoint (same numbers, no task)
+    val = client.get_metric_history(run.info.run_id, "val/segm/AP")
+    assert sorted(m.step for m in val) == [1, 2]
+    (last,) = [m for m in val if m.step == EPOCHS - 1]
+    assert last.value == run.data.metrics["segm/AP"]
+    for key in ("bbox/AP", "segm/AP50"):
+        assert run.data.metrics[f"val/{key}"] == run.data.metrics[key]
+    assert run.data.metrics["val/epoch"] == EPOCHS - 1
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "results.json", "ap_table.md", "plots", "overlays"} <= artifacts
     plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}

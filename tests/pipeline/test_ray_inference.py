@@ -186,6 +186,38 @@ def test_evaluate_checkpoint_metrics(evaluated, val_shards, checkpoint, val_coco
         )
 
 
+def test_small_val_sets_are_evaluated_in_process_with_the_same_ap(
+    evaluated, checkpoint, val_shards, tmp_path, caplog
+):
+    """`in_process_max_images` at or above the shards' 4 images: no Ray Data, no replica;
+    the same results file and the same AP per threshold as the Ray Data path (`evaluated`)."""
+    metrics, per_threshold, results = evaluated
+    results_path = tmp_path / "results.json"
+    with caplog.at_level("INFO", logger="pipeline.inference"):
+        in_process, in_process_thresholds = evaluate_checkpoint(
+            checkpoint,
+            val_shards,
+            max_dets=100,
+            score_thresholds=SWEEP,
+            batch_size=3,
+            num_replicas=1,
+            use_gpu=False,
+            num_cpus_per_replica=0.5,
+            results_path=results_path,
+            in_process_max_images=4,
+        )
+    assert "in this process" in caplog.text and "replica" not in caplog.text
+    assert "thresholds" not in in_process
+    assert _same_results(json.loads(results_path.read_text()), results)
+    assert scalar_metrics(in_process) == pytest.approx(scalar_metrics(metrics), abs=1e-6)
+    assert list(in_process_thresholds) == SWEEP
+    for t in SWEEP:
+        assert scalar_metrics(in_process_thresholds[t]) == pytest.approx(
+            scalar_metrics(per_threshold[t]), abs=1e-6
+        )
+    assert in_process["params"]["segm"]["num_images"] == 4
+
+
 def test_two_replicas_give_the_same_results(ray_session, evaluated, checkpoint, val_shards, rows):
     _, _, one_replica = evaluated
     results, image_ids = predict_dataset(

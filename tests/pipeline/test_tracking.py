@@ -87,6 +87,16 @@ def test_model_is_logged_as_code_with_a_plain_checkpoint(logged):
     }
 
 
+def test_model_requirements_are_pinned_not_inferred(logged):
+    """Explicit requirements (MLflow's inference loads the model in a subprocess, ~10 s, and
+    missed torch): what the model imports, at the installed versions."""
+    from importlib.metadata import version
+
+    lines = (logged.model_dir / "requirements.txt").read_text().split()
+    for name in ("torch", "torchvision", "pycocotools", "mlflow", "pillow"):
+        assert f"{name}=={version(name)}" in lines
+
+
 def test_model_loads_in_a_fresh_process_without_unpickling(logged, load_pyfunc_fresh, tmp_path):
     done, report = load_pyfunc_fresh(
         logged.uri, "models:/pep@champion", logged.image, ZERO_THRESHOLD, cwd=tmp_path
