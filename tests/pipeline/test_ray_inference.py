@@ -131,20 +131,19 @@ def _local_results(checkpoint, rows, score_threshold, max_instances=100) -> list
 SWEEP = [LOW, 0.005, 0.01]
 
 
+# evaluate_checkpoint's settings shared by the Ray Data and the in-process evaluations
+EVALUATE_KWARGS = dict(
+    max_dets=100, score_thresholds=SWEEP, batch_size=3, num_replicas=1, use_gpu=False,
+    num_cpus_per_replica=0.5,
+)
+
+
 @pytest.fixture(scope="module")
 def evaluated(ray_session, checkpoint, val_shards, tmp_path_factory):
     """evaluate_checkpoint with one replica: (metrics, per_threshold, results written)."""
     results_path = tmp_path_factory.mktemp("eval") / "results.json"
     metrics, per_threshold = evaluate_checkpoint(
-        checkpoint,
-        val_shards,
-        max_dets=100,
-        score_thresholds=SWEEP,
-        batch_size=3,
-        num_replicas=1,
-        use_gpu=False,
-        num_cpus_per_replica=0.5,
-        results_path=results_path,
+        checkpoint, val_shards, results_path=results_path, **EVALUATE_KWARGS
     )
     return metrics, per_threshold, json.loads(results_path.read_text())
 
@@ -195,16 +194,8 @@ def test_small_val_sets_are_evaluated_in_process_with_the_same_ap(
     results_path = tmp_path / "results.json"
     with caplog.at_level("INFO", logger="pipeline.inference"):
         in_process, in_process_thresholds = evaluate_checkpoint(
-            checkpoint,
-            val_shards,
-            max_dets=100,
-            score_thresholds=SWEEP,
-            batch_size=3,
-            num_replicas=1,
-            use_gpu=False,
-            num_cpus_per_replica=0.5,
-            results_path=results_path,
-            in_process_max_images=4,
+            checkpoint, val_shards, results_path=results_path, in_process_max_images=4,
+            **EVALUATE_KWARGS,
         )
     assert "in this process" in caplog.text and "replica" not in caplog.text
     assert "thresholds" not in in_process
