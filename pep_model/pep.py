@@ -328,7 +328,7 @@ class PEP(nn.Module):
         )
         mask_inputs = self.mask_head.mask_input(general)  # B x c x h x w
         candidate_scores = (
-            self._candidate_scores(cls_maps)
+            self._foreground(cls_maps).amax(dim=2)
             if self.purifying is not None and cfg.purify_train_candidates > 0 else None
         )  # B x L
 
@@ -447,11 +447,13 @@ class PEP(nn.Module):
         return losses
 
     @torch.no_grad()
-    def _candidate_scores(self, cls_maps: list[Tensor]) -> Tensor:
-        """B x L top foreground probability of every cell, 0 off the 3x3 local maxima: the
-        cells inference would select (`inference`), for `purify_train_candidates`."""
-        fg_maps = [point_nms(m.softmax(dim=1)[:, 1:]) for m in cls_maps]
-        return flatten_levels(fg_maps).amax(dim=2)
+    def _foreground(self, cls_maps: list[Tensor]) -> Tensor:
+        """B x L x C class probabilities of every cell, 0 off the 3x3 local maxima with
+        `point_nms`: what inference selects from (and `purify_train_candidates` in training)."""
+        fg_maps = [m.softmax(dim=1)[:, 1:] for m in cls_maps]
+        if self.config.point_nms:
+            fg_maps = [point_nms(m) for m in fg_maps]
+        return flatten_levels(fg_maps)
 
     def _graph_candidates(
         self, scores: Tensor, pos: Tensor, positions: Tensor, masks: Tensor, crowd: Tensor,
@@ -459,7 +461,7 @@ class PEP(nn.Module):
         """Extra purifying-graph nodes of one training image: its top predicted cells.
 
         Args:
-            scores: L from `_candidate_scores`; pos: the cells already in the graph (the
+            scores: L, the top of `_foreground`; pos: the cells already in the graph (the
                 ground-truth positive ones); positions: L x 2 cell centres in pixels.
             masks: the image's M x H x W ground-truth masks; crowd: M.
         Returns:
@@ -500,10 +502,7 @@ class PEP(nn.Module):
         device = general.device
         strides = self.perceive_strides
         level_shapes = [tuple(m.shape[-2:]) for m in cls_maps]
-        fg_maps = [m.softmax(dim=1)[:, 1:] for m in cls_maps]  # B x C x h x w per level
-        if cfg.point_nms:
-            fg_maps = [point_nms(m) for m in fg_maps]
-        fg_flat = flatten_levels(fg_maps)  # B x L x C
+        fg_flat = self._foreground(cls_maps)  # B x L x C
         desc_flat = flatten_levels(desc_maps)  # B x L x D
         positions, cell_strides = level_cells(level_shapes, strides, device)
         excavate_feature = (
@@ -612,14 +611,17 @@ class PEP(nn.Module):
         probs = self.masks(
             descriptors, locations, loc_strides, feature, num_originals
         )[:, :vh, :vw].sigmoid()
-        similarity = None
+        similarity = None  # kept for "decay", where it stands in for mask IoU in Matrix NMS
         if self.purifying is not None:
             similarity = self.purifying(descriptors, locations, loc_strides).sigmoid()  # N x N
-            similarity = (similarity + similarity.t()) / 2
-        if similarity is not None and cfg.purify_merge != "decay":
-            groups = group_by_similarity(similarity, scores, cfg.purify_threshold)
-            scores, labels, probs = merge_groups(groups, scores, labels, probs, cfg.purify_merge)
-            similarity = None
+            if cfg.purify_merge == "decay":
+                similarity = (similarity + similarity.t()) / 2
+            else:
+                groups = group_by_similarity(similarity, scores, cfg.purify_threshold)
+                scores, labels, probs = merge_groups(
+                    groups, scores, labels, probs, cfg.purify_merge
+                )
+                similarity = None
         binary = probs > cfg.mask_threshold
         area = binary.flatten(1).sum(1).float()
         keep = area > 0
