@@ -11,8 +11,9 @@ Equal epochs (default): every model trains the config's epochs. Equal time (`--b
 every model trains as many epochs as fit in the budget, on the config's schedule shape (its
 lr milestones as fractions of its epochs), planned from the first epoch's time.
 `--budget-s maskrcnn` trains Mask R-CNN first (per seed, the config's epochs) and gives its
-training time to every other model. Each model is evaluated after every epoch (evaluation
-time is not training time), so each run has an AP-versus-training-time curve; `--plot`
+training time to every other model. Each model is evaluated after every epoch (or every
+`--eval-every` N and the last; evaluation time is not training time), so each run has an
+AP-versus-training-time curve; `--plot`
 draws every run's curve (default: beside `--out`, as .png).
 
 `--report` with several `--out` files merges their runs into one table (e.g. a run that
@@ -140,6 +141,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--plot", default=None, help="AP-vs-training-time PNG (default: --out with .png)"
+    )
+    parser.add_argument(
+        "--eval-every", type=int, default=1, help="evaluate every N epochs (and the last)"
     )
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--work-dir", default=str(ROOT / "work"), help="data and shards go here")
@@ -305,10 +309,12 @@ def train(
     budget_s: float | None = None,
     evaluate=None,
     ap_key: str = "segm/AP",
+    eval_every: int = 1,
 ) -> tuple[float, list, list]:
     """Train for the config's epochs, or for as many as fit in `budget_s`.
 
-    `evaluate(model) -> metrics` runs after every epoch (not counted as training time).
+    `evaluate(model) -> metrics` runs after every `eval_every`-th epoch and the last (not
+    counted as training time).
     Returns (training seconds, per-epoch loss terms, curve: per-epoch {epoch, train_s,
     metrics}).
     """
@@ -345,7 +351,7 @@ def train(
             f"    epoch {epoch + 1}/{epochs} loss {metrics['loss']:.3f} "
             f"({metrics['epoch_time_s']:.0f} s, {train_s:.0f} s in all)"
         )
-        if evaluate is not None:
+        if evaluate is not None and ((epoch + 1) % eval_every == 0 or epoch + 1 == epochs):
             scores = evaluate(model)
             curve.append({"epoch": epoch + 1, "train_s": train_s, "metrics": scores})
             line += f", {ap_key} {scores[ap_key]:.3f}"
@@ -614,7 +620,8 @@ def main(args: argparse.Namespace) -> None:
 
             run_budget = None if name == "maskrcnn" and budget == "maskrcnn" else seed_budget
             train_s, history, curve = train(
-                model, rows, model_cfg, seed, run_budget, score, ap_key(args.max_dets)
+                model, rows, model_cfg, seed, run_budget, score, ap_key(args.max_dets),
+                args.eval_every,
             )
             if name == "maskrcnn" and budget == "maskrcnn":
                 seed_budget = train_s

@@ -285,8 +285,8 @@ def main(args: argparse.Namespace) -> None:
     model.set_inference_params(max_instances=args.max_dets)
     splits = experiment.resolve_data(args.data, cfg, args.work_dir)
     print(f"{args.checkpoint}: excavate={cfg.model.excavate} purify={cfg.model.purify}")
-    print("| inference | segm AP | segm AP50 | bbox AP | ms/img |")
-    print("|---|---|---|---|---|")
+    print("| inference | segm AP | segm AP50 | bbox AP | R50 | R50 vis < 0.5 | ms/img |")
+    print("|---|---|---|---|---|---|---|")
     rows = [(name, switched(model, **switches)) for name, switches in SWITCHES.items()
             if all(getattr(model, MODULES[k]) is not None for k in switches)]
     rows += [(text, inference_params(model, **parse_try(text))) for text in args.tries]
@@ -295,7 +295,8 @@ def main(args: argparse.Namespace) -> None:
             metrics, ms = evaluate_model(model, splits, args.max_dets)
         print(
             f"| {name} | {metrics['segm/AP']:.4f} | {metrics['segm/AP50']:.4f} | "
-            f"{metrics['bbox/AP']:.4f} | {ms:.0f} |", flush=True,
+            f"{metrics['bbox/AP']:.4f} | {metrics.get('segm/R50', float('nan')):.3f} | "
+            f"{metrics.get('segm/R50_vis_lo', float('nan')):.3f} | {ms:.0f} |", flush=True,
         )
     if args.only_table:
         return

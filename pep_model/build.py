@@ -17,7 +17,7 @@ from pep_model.backbone import Backbone
 from pep_model.config import Config, ModelConfig, config_from_dict, config_to_dict
 from pep_model.excavating import ObjectExcavating
 from pep_model.mask_learning import DynamicMaskHead, LinearMaskHead, MaskFeature
-from pep_model.pep import PEP, PURIFY_MERGES
+from pep_model.pep import PEP, PURIFY_MERGES, PURIFY_OVERLAPS
 from pep_model.perceiving import SemanticsPerceiving
 from pep_model.purifying import InstancePurifying
 
@@ -44,6 +44,11 @@ def build_model(config: ModelConfig) -> PEP:
     if config.purify_merge not in PURIFY_MERGES:
         raise ValueError(
             f"model.purify_merge must be one of {PURIFY_MERGES}, got {config.purify_merge!r}"
+        )
+    if config.purify_overlap not in PURIFY_OVERLAPS:
+        raise ValueError(
+            f"model.purify_overlap must be one of {tuple(PURIFY_OVERLAPS)}, got "
+            f"{config.purify_overlap!r}"
         )
     if config.mask_stride not in (4, 8):
         raise ValueError(f"model.mask_stride must be 4 or 8, got {config.mask_stride}")
@@ -78,14 +83,18 @@ def build_model(config: ModelConfig) -> PEP:
                         config.mask_head_layers)
         if config.mask_head == "dynamic" else LinearMaskHead()
     )
-    excavating = (
-        ObjectExcavating(config.mask_channels, config.descriptor_dim, config.num_classes,
-                         config.excavate_channels, config.excavate_local_descriptor)
-        if config.excavate else None
-    )
-    purifying = (
-        InstancePurifying(config.descriptor_dim, config.purify_embed_dim) if config.purify else None
-    )
+    # the modules' initial draws leave the global RNG as it was: at one seed, every Table 2
+    # variant starts (and, with `PEP._module_generator`, samples) as the Baseline does
+    with torch.random.fork_rng(devices=[]):
+        excavating = (
+            ObjectExcavating(config.mask_channels, config.descriptor_dim, config.num_classes,
+                             config.excavate_channels, config.excavate_local_descriptor)
+            if config.excavate else None
+        )
+        purifying = (
+            InstancePurifying(config.descriptor_dim, config.purify_embed_dim)
+            if config.purify else None
+        )
     return PEP(backbone, perceiving, mask_feature, mask_head, excavating, purifying,
                config)
 

@@ -93,28 +93,36 @@ class ModelConfig:
     # mined descriptor MLP also sees the descriptor at the key pixel (measured: needed to learn
     # the neighbours' masks; the copied descriptor + coordinates alone reach segm AP ~0.4)
     excavate_local_descriptor: bool = True
-    # Whether the mined descriptors' mask loss (Eq. 7) back-propagates into the general feature
-    # B. Their inputs are detached copies already (`ObjectExcavating.mine`), so B is the one
-    # shared part their masks train; false keeps B to the original descriptors' masks (the
-    # mined masks still train the excavating MLP). See BENCHMARKS.md, the excavating probes.
-    mined_mask_trains_feature: bool = True
+    # Whether the mined descriptors' mask loss (Eq. 7) back-propagates into the shared mask
+    # path: the general feature B and the mask head's own weights (the dynamic head's
+    # controller). Their inputs are detached copies already (`ObjectExcavating.mine`); false
+    # keeps the shared mask path to the original descriptors' masks (the mined masks still
+    # train the excavating MLP). Default false: with it, `mask_loss_norm: originals` and
+    # `purify_trains_descriptors: false` the modules train only their own layers and the
+    # shared network trains as the Baseline's (README model card; BENCHMARKS.md, issue 16).
+    mined_mask_trains_feature: bool = False
     # Normaliser of the mask loss (Eq. 7 is a sum over the N_all descriptors): "all" = mean
     # over N_all (mined descriptors dilute the originals' weight as they grow in number),
     # "originals" = sum / N_ori (the originals keep their weight; the mined add to it).
-    mask_loss_norm: str = "all"
+    mask_loss_norm: str = "originals"
     purify_embed_dim: int = 64  # width of the purifying embedding whose cosine gives M
     # Eq. 5 also over the descriptors inference will see: the top this many predicted cells
     # of an image (3x3 local maxima of the class scores, detached), each tagged with the
     # ground-truth mask it lies in (or background). 0: the ground-truth positive cells only.
-    purify_train_candidates: int = 0
+    purify_train_candidates: int = 64
     # Whether Eq. 5 back-propagates into the descriptors D (false: it trains the purifying
     # projection only, as the excavating losses train their own layers).
-    purify_trains_descriptors: bool = True
+    purify_trains_descriptors: bool = False
     # How purifying turns descriptors into instances: "mean" = greedy groups at
     # purify_threshold, each one instance with the score-weighted mean of its members' mask
     # probabilities; "seed" = the same groups with the top member's own mask; "decay" = no
-    # hard groups: Matrix NMS's score decay with the learned similarity M in place of mask IoU.
-    purify_merge: str = "mean"
+    # hard groups: Matrix NMS's score decay with the learned similarity M in place of mask IoU
+    # (the default: it beat "mean" by +0.07-0.10 segm AP on the same weights, BENCHMARKS.md).
+    purify_merge: str = "decay"
+    # What "decay" decays by: "similarity" = the learned M alone; "mean" / "max" / "min" = M
+    # combined with the candidates' mask IoU (the evidence Matrix NMS uses) element-wise.
+    # Default "min": a pair decays as duplicates only if M and the masks both say so.
+    purify_overlap: str = "min"
     point_nms: bool = True  # keep only 3x3 local maxima of class scores as original descriptors
 
 
@@ -147,7 +155,7 @@ class TrainConfig:
     milestones: list[int] = field(default_factory=lambda: [9, 11])  # epochs where lr *= lr_gamma
     lr_gamma: float = 0.1
     warmup_iters: int = 100
-    grad_clip: float = 10.0
+    grad_clip: float = 10.0  # max gradient norm, per `PEP.clip_groups` (shared net, each module)
     amp: bool = True  # mixed precision, only used on GPU
     seed: int = 0
     num_workers: int = 1

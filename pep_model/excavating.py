@@ -75,12 +75,17 @@ def excavate_targets(instance_ids: Tensor, neighbours: Tensor, centre_maps: Tens
 
 
 def sample_training_keys(
-    instance_ids: Tensor, neighbours: Tensor, centre_maps: Tensor, max_mined: int
+    instance_ids: Tensor,
+    neighbours: Tensor,
+    centre_maps: Tensor,
+    max_mined: int,
+    generator: torch.Generator | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Training key pixels: one per (original descriptor, neighbour of its instance) pair.
 
     Pairs are sub-sampled to `max_mined`; each key pixel is a random cell of the neighbour's
-    centre region (what a local maximum of a well-trained E would pick).
+    centre region (what a local maximum of a well-trained E would pick), drawn from
+    `generator` (default: the global RNG).
     Returns (original index K, target instance K, key cell index K into the flattened map).
     """
     device = instance_ids.device
@@ -89,12 +94,12 @@ def sample_training_keys(
         return empty, empty, empty
     orig, target = neighbours[instance_ids].nonzero(as_tuple=True)  # K, K
     if orig.numel() > max_mined:
-        keep = torch.randperm(orig.numel(), device=device)[:max_mined]
+        keep = torch.randperm(orig.numel(), device=device, generator=generator)[:max_mined]
         orig, target = orig[keep], target[keep]
     if orig.numel() == 0:
         return orig, target, target.clone()
     weights = centre_maps.flatten(1)[target].float()  # K x hw, each row has >= 1 cell
-    cells = torch.multinomial(weights, 1).squeeze(1)
+    cells = torch.multinomial(weights, 1, generator=generator).squeeze(1)
     return orig, target, cells
 
 

@@ -206,7 +206,7 @@ class DynamicMaskHead(nn.Module):
 
     def forward(
         self, descriptors: Tensor, locations: Tensor, strides: Tensor, feature: Tensor,
-        feature_stride: int, window: MaskWindow | None = None,
+        feature_stride: int, window: MaskWindow | None = None, frozen: bool = False,
     ) -> Tensor:
         """Mask logits of one image's descriptors, on the whole map or inside their windows.
 
@@ -214,6 +214,8 @@ class DynamicMaskHead(nn.Module):
             descriptors: N x D; locations: N x 2 pixel (x, y); strides: N level strides.
             feature: channels x h x w, this image's `mask_input`, at `feature_stride`.
             window: each descriptor's window on the map (all of one size), or None.
+            frozen: the controller's weights enter detached (the masks train the
+                descriptors only, not this head).
         Returns:
             N x h x w logits, or N x window.height x window.width.
         """
@@ -223,8 +225,13 @@ class DynamicMaskHead(nn.Module):
             h, w = window.height, window.width
         if n == 0:
             return feature.new_zeros((0, h, w))
+        controller = self.controller
+        params = (
+            F.linear(descriptors, controller.weight.detach(), controller.bias.detach())
+            if frozen else controller(descriptors)
+        )
         weights, biases = parse_dynamic_params(
-            self.controller(descriptors), self.weight_nums, self.bias_nums, self.channels
+            params, self.weight_nums, self.bias_nums, self.channels
         )
         if window is None:
             rel = relative_coordinates(
@@ -252,9 +259,10 @@ class LinearMaskHead(nn.Module):
 
     def forward(
         self, descriptors: Tensor, locations: Tensor, strides: Tensor, feature: Tensor,
-        feature_stride: int, window: MaskWindow | None = None,
+        feature_stride: int, window: MaskWindow | None = None, frozen: bool = False,
     ) -> Tensor:
-        """N x D descriptors, D x h x w B -> N x h x w logits (locations unused)."""
+        """N x D descriptors, D x h x w B -> N x h x w logits (locations unused; no
+        parameters, so `frozen` changes nothing)."""
         if window is not None:
             raise ValueError("model.mask_window needs model.mask_head=dynamic")
         return mask_logits(descriptors, feature)

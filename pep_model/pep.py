@@ -45,7 +45,7 @@ from pep_model.perceiving import (
     perceive_targets,
     point_nms,
 )
-from pep_model.postprocess import group_by_similarity, matrix_nms, merge_groups
+from pep_model.postprocess import group_by_similarity, mask_iou, matrix_nms, merge_groups
 from pep_model.purifying import InstancePurifying, graph_loss, graph_targets
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -56,12 +56,19 @@ OUTSIDE_WINDOW_LOGIT = -1e4
 
 # How purifying turns descriptors into instances (`ModelConfig.purify_merge`).
 PURIFY_MERGES = ("mean", "seed", "decay")
+# What "decay" decays by (`ModelConfig.purify_overlap`): M alone, or M and mask IoU combined.
+PURIFY_OVERLAPS = {
+    "similarity": lambda sim, iou: sim,
+    "mean": lambda sim, iou: (sim + iou) / 2,
+    "max": torch.maximum,
+    "min": torch.minimum,
+}
 
 # ModelConfig fields that may be changed after building (post-processing only).
 INFERENCE_PARAMS = (
     "score_threshold", "candidate_threshold", "pre_topk", "excavate_threshold", "excavate_topk",
     "purify_threshold", "mask_threshold", "nms_kernel", "nms_sigma", "max_instances", "point_nms",
-    "purify_merge",
+    "purify_merge", "purify_overlap",
 )
 
 
@@ -124,8 +131,19 @@ class PEP(nn.Module):
         self.excavating = excavating
         self.purifying = purifying
         self.config = dataclasses.replace(config)
+        self._generators: dict[torch.device, torch.Generator] = {}  # `_module_generator`
         self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(3, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(3, 1, 1), False)
+
+    def clip_groups(self) -> list[list[nn.Parameter]]:
+        """Parameters whose gradient norm is clipped together: the shared network, and each
+        module on its own, so a module's gradients never rescale the shared network's (with
+        the modules' losses kept off it, the shared network trains as the Baseline's, to
+        float rounding)."""
+        modules = [m for m in (self.excavating, self.purifying) if m is not None]
+        own = {id(p) for m in modules for p in m.parameters()}
+        shared = [p for p in self.parameters() if id(p) not in own]
+        return [shared] + [list(m.parameters()) for m in modules]
 
     @property
     def size_divisibility(self) -> int:
@@ -148,6 +166,11 @@ class PEP(nn.Module):
             raise ValueError(
                 f"set_inference_params: purify_merge must be one of {PURIFY_MERGES}, got "
                 f"{params['purify_merge']!r}"
+            )
+        if params.get("purify_overlap", "similarity") not in PURIFY_OVERLAPS:
+            raise ValueError(
+                f"set_inference_params: purify_overlap must be one of {tuple(PURIFY_OVERLAPS)}, "
+                f"got {params['purify_overlap']!r}"
             )
         self.config = dataclasses.replace(self.config, **params)
 
@@ -188,6 +211,7 @@ class PEP(nn.Module):
         loc_strides: Tensor,
         mask_input: Tensor,
         num_windowed: int | None = None,
+        frozen: bool = False,
     ) -> list[tuple[Tensor, MaskWindow | None, Tensor]]:
         """Eq. 6 for one image, inside each descriptor's window (`model.mask_window`).
 
@@ -197,6 +221,7 @@ class PEP(nn.Module):
             num_windowed: only the first this many descriptors get windows (the original
                 ones: a mined descriptor carries its original's level, not its own object's,
                 so its mask takes the whole map); None: all.
+            frozen: the mask head's own weights enter detached (see `mask_losses`).
         Returns:
             Groups of descriptors sharing a window size: (their indices into the N, their
             windows at `mask_output_stride` or None for the whole map, their mask logits
@@ -224,7 +249,7 @@ class PEP(nn.Module):
         for index, window in groups:
             logits = self.mask_head(
                 descriptors[index], locations[index], loc_strides[index], mask_input,
-                cfg.mask_stride, window,
+                cfg.mask_stride, window, frozen,
             )
             if up > 1 and logits.shape[0] > 0:
                 logits = F.interpolate(
@@ -276,20 +301,21 @@ class PEP(nn.Module):
             instance_ids: N, the instance each descriptor is trained towards.
             num_originals: the first this many descriptors are original ones, the rest mined
                 (windows: see `mask_windows`); None: all original.
-            detach_mined: the mined descriptors see B detached (`mined_mask_trains_feature`
-                false).
+            detach_mined: the mined descriptors' masks train neither B nor the mask head
+                (`mined_mask_trains_feature` false): they see both detached.
         """
         n = descriptors.shape[0]
         n_ori = n if num_originals is None else num_originals
-        parts = [(0, n, mask_input, n_ori)]
+        parts = [(0, n, mask_input, n_ori, False)]
         if detach_mined:
-            parts = [(0, n_ori, mask_input, n_ori), (n_ori, n, mask_input.detach(), 0)]
+            parts = [(0, n_ori, mask_input, n_ori, False),
+                     (n_ori, n, mask_input.detach(), 0, True)]
         indices, losses = [], []
-        for start, end, feature, windowed in parts:
+        for start, end, feature, windowed, frozen in parts:
             ids = instance_ids[start:end]
             for index, window, logits in self.mask_windows(
                 descriptors[start:end], locations[start:end], loc_strides[start:end], feature,
-                windowed,
+                windowed, frozen,
             ):
                 targets = (
                     gt_masks[ids[index]] if window is None else window.crop(gt_masks, ids[index])
@@ -377,7 +403,8 @@ class PEP(nn.Module):
                 heat_preds.append(heat.flatten())
                 heat_gts.append(excavate_targets(instance_ids, neighbours, centre_maps).flatten())
                 orig, target_ids, cells = sample_training_keys(
-                    instance_ids, neighbours, centre_maps, cfg.max_train_mined
+                    instance_ids, neighbours, centre_maps, cfg.max_train_mined,
+                    self._module_generator(device),
                 )
                 key_positions = key_grid[cells]  # K x 2
                 local = desc_flat[b, cells_at(key_positions, loc_strides[orig], level_shapes,
@@ -445,6 +472,17 @@ class PEP(nn.Module):
         mean = per_descriptor.mean() if per_descriptor.shape[0] > 0 else general.sum() * 0
         losses["loss_mask"] = cfg.delta * norm * mean
         return losses
+
+    def _module_generator(self, device: torch.device) -> torch.Generator:
+        """The RNG of the modules' own training draws (excavating's key pixels), apart from
+        the global one: the shared network's draws (descriptor sub-sampling) stay those of
+        the Baseline at the same seed. Seeded from `torch.initial_seed()`, which draws
+        nothing; not checkpointed (a resumed run restarts its stream)."""
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device=device).manual_seed(
+                torch.initial_seed() + 1
+            )
+        return self._generators[device]
 
     @torch.no_grad()
     def _foreground(self, cls_maps: list[Tensor]) -> Tensor:
@@ -630,6 +668,10 @@ class PEP(nn.Module):
         )
         if similarity is not None:
             similarity = similarity[keep][:, keep]
+            if cfg.purify_overlap != "similarity":
+                similarity = PURIFY_OVERLAPS[cfg.purify_overlap](
+                    similarity, mask_iou(binary, area)
+                )
         # SOLOv2 "maskness": mean probability inside the binary mask
         scores = scores * (probs * binary).flatten(1).sum(1) / area.clamp(min=1)
         if self.purifying is None or similarity is not None:

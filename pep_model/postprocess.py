@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["group_by_similarity", "matrix_nms", "merge_groups", "point_nms"]
+__all__ = ["group_by_similarity", "mask_iou", "matrix_nms", "merge_groups", "point_nms"]
 
 _KERNELS = ("gaussian", "linear")
 _EPS = 1e-6
@@ -93,11 +93,7 @@ def matrix_nms(
     labels = labels[order]
     masks = masks[order]
     if overlap is None:
-        flat = masks.reshape(num, -1).float()  # [N, H*W]
-        area = flat.sum(dim=1) if mask_area is None else mask_area[order].float()  # [N]
-        inter = flat @ flat.T  # [N, N]
-        union = (area[:, None] + area[None, :] - inter).clamp_min(_EPS)  # [N, N]
-        overlap = inter / union
+        overlap = mask_iou(masks, None if mask_area is None else mask_area[order])
     else:
         overlap = overlap[order][:, order].float()
     # pairs[i, j]: i scores higher than j and has the same label, the only pairs that decay.
@@ -119,6 +115,15 @@ def matrix_nms(
     if max_num >= 0:
         decayed, keep = decayed[:max_num], keep[:max_num]  # [K]
     return decayed, labels[keep], masks[keep], order[keep]
+
+
+def mask_iou(masks: Tensor, mask_area: Tensor | None = None) -> Tensor:
+    """[N, N] float IoU of [N, H, W] binary masks (`mask_area`: their pixel counts, optional)."""
+    flat = masks.reshape(masks.shape[0], -1).float()  # [N, H*W]
+    area = flat.sum(dim=1) if mask_area is None else mask_area.float()  # [N]
+    inter = flat @ flat.T  # [N, N]
+    union = (area[:, None] + area[None, :] - inter).clamp_min(_EPS)  # [N, N]
+    return inter / union
 
 
 def _empty_nms_result(

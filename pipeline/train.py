@@ -224,7 +224,9 @@ def train_one_epoch(
         scaler.scale(loss).backward()
         if cfg.train.grad_clip > 0:
             scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+            clip_groups = getattr(getattr(model, "module", model), "clip_groups", None)
+            for params in clip_groups() if clip_groups else [list(model.parameters())]:
+                torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()

@@ -105,3 +105,38 @@ def test_eval_is_deterministic(eval_model):
     a, b = eval_model([image])[0], eval_model([image])[0]
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.parametrize("overlap,bias", [("min", 100.0), ("max", -100.0)])
+def test_decay_by_similarity_and_iou_reduces_to_matrix_nms_when_the_similarity_is_moot(
+    overlap, bias
+):
+    # purifying is built last, so one seed gives both models the same shared weights
+    models = []
+    for purify in (False, True):
+        torch.manual_seed(0)
+        model = build_model(tiny_config(excavate=False, purify=purify)).eval()
+        model.set_inference_params(score_threshold=0.0, mask_threshold=0.3)
+        models.append(model)
+    baseline, purifying = models
+    with torch.no_grad():  # M = 1 everywhere (min -> IoU) or 0 everywhere (max -> IoU)
+        purifying.purifying.logit_scale.fill_(0.0)
+        purifying.purifying.distance_weight.fill_(-100.0)
+        purifying.purifying.logit_bias.fill_(bias)
+    images = [torch.rand(3, 70, 90), torch.rand(3, 64, 48)]
+    expected = baseline(images)
+    purifying.set_inference_params(purify_merge="decay", purify_overlap=overlap)
+    got = purifying(images)
+    assert sum(p["labels"].numel() for p in expected) > 1
+    for a, b in zip(expected, got):
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], msg=key)
+    with torch.no_grad():
+        purifying.purifying.logit_bias.fill_(-100.0)
+    purifying.set_inference_params(purify_overlap="similarity")  # M = 0 alone: no decay
+    assert any(
+        a["scores"].shape != b["scores"].shape or not torch.allclose(a["scores"], b["scores"])
+        for a, b in zip(expected, purifying(images))
+    )
+    with pytest.raises(ValueError, match="purify_overlap must be one of"):
+        purifying.set_inference_params(purify_overlap="iou")

@@ -127,9 +127,9 @@ def test_the_default_model_uses_the_dynamic_head_for_every_descriptor(crowded_ba
     calls = []
     forward = model.mask_head.forward
 
-    def spy(descriptors, locations, strides, feature, stride, window=None):
+    def spy(descriptors, locations, strides, feature, stride, window=None, frozen=False):
         calls.append(descriptors.shape[0])
-        return forward(descriptors, locations, strides, feature, stride, window)
+        return forward(descriptors, locations, strides, feature, stride, window, frozen)
 
     model.mask_head.forward = spy
     losses = model(images, targets)

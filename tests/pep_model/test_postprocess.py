@@ -7,7 +7,13 @@ import math
 import pytest
 import torch
 
-from pep_model.postprocess import group_by_similarity, matrix_nms, merge_groups, point_nms
+from pep_model.postprocess import (
+    group_by_similarity,
+    mask_iou,
+    matrix_nms,
+    merge_groups,
+    point_nms,
+)
 
 # ---------------------------------------------------------------------------------------------
 # matrix_nms
@@ -398,3 +404,15 @@ def test_matrix_nms_decays_by_a_given_overlap_instead_of_mask_iou():
     assert by_index[2] == pytest.approx(0.7)  # its masks overlap 0 and 1, the given 0 counts
     with pytest.raises(ValueError, match="overlap must have shape"):
         matrix_nms(masks, labels, scores, overlap=overlap[:2])
+
+
+def test_mask_iou_matches_hand_counts():
+    masks = torch.zeros(3, 2, 4, dtype=torch.bool)
+    masks[0, :, :2] = True  # 4 px
+    masks[1, :, 1:3] = True  # 4 px, 2 shared with 0
+    masks[2, 0, 3] = True  # 1 px, apart
+    iou = mask_iou(masks)
+    torch.testing.assert_close(iou, torch.tensor(
+        [[1.0, 2 / 6, 0.0], [2 / 6, 1.0, 0.0], [0.0, 0.0, 1.0]]
+    ))
+    torch.testing.assert_close(mask_iou(masks, torch.tensor([4, 4, 1])), iou)
