@@ -76,7 +76,7 @@ import pyarrow.parquet as pq
 import ray
 from PIL import Image
 from pycocotools import mask as mask_utils
-from ray.data.datasource import FilenameProvider
+from ray.data.datasource import FilenameProvider, SaveMode
 from ray.data.expressions import col
 
 from pipeline.coco import (
@@ -264,9 +264,9 @@ def prepare(
         len(index.rejections),
     )
     tmp_dir = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp_dir.mkdir(parents=True)
     try:
         manifest = _build(index, images_dir, tmp_dir, config)
+        tmp_dir.mkdir(parents=True, exist_ok=True)  # made by the shards' write, if any
         manifest["source"] = {
             "annotations": str(annotations.resolve()),
             "images_dir": str(images_dir.resolve()),
@@ -303,7 +303,8 @@ def _replace_dir(new: Path, target: Path) -> None:
 
 
 def _build(index: CocoIndex, images_dir: Path, tmp_dir: Path, config: PrepareConfig) -> dict:
-    """Run the Ray Data pass, write the good rows, and return the manifest (sans source)."""
+    """Run the Ray Data pass, write the good rows into the new folder `tmp_dir` (which must not
+    exist yet), and return the manifest (sans source)."""
     items = [
         {
             "index": rec.index,
@@ -349,7 +350,9 @@ def _build(index: CocoIndex, images_dir: Path, tmp_dir: Path, config: PrepareCon
                 good.repartition(max(1, math.ceil(n_ok / config.rows_per_shard))).write_parquet(
                     str(tmp_dir),
                     filename_provider=_ShardNames(),
-                    mode="overwrite",
+                    # a new folder: stable shard names need no write id there, and nothing is
+                    # replaced (Ray Data warns on every "overwrite" of a folder that exists)
+                    mode=SaveMode.CREATE,
                     row_group_size=_ROW_GROUP_ROWS,
                 )
             shards = _list_shards(tmp_dir)
