@@ -8,6 +8,8 @@ import filecmp
 import importlib.util
 import io
 import json
+import logging
+import os
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -19,7 +21,7 @@ import torch
 from PIL import Image
 
 import pep_model
-from pipeline import tracking
+from pipeline import cli, tracking
 from pipeline.coco import decode_rle
 from pipeline.predict import (
     ModelSourceError,
@@ -43,11 +45,21 @@ def _job(name: str):
 
 
 def _run(argv: list[str]) -> tuple[int, str, str]:
-    """jobs/predict_pep.py main(argv) -> (exit status, stdout, stderr)."""
+    """jobs/predict_pep.py main(argv) -> (exit status, stdout, stderr); the logger levels and
+    environment the job sets for its own process are restored afterwards."""
     job = _job("predict_pep")
     out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        status = job.main(job.get_args_parser().parse_args(argv))
+    loggers = [logging.getLogger(name) for name in cli.CHATTY_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    env = dict(os.environ)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            status = job.main(job.get_args_parser().parse_args(argv))
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+        os.environ.clear()
+        os.environ.update(env)
     return status, out.getvalue(), err.getvalue()
 
 
@@ -153,6 +165,15 @@ def test_unreadable_image_is_skipped_and_named(predicted, inputs):
     assert f"skipped:   {inputs / 'broken.jpg'}: cannot read the image" in stdout
     assert not (out / "broken.json").exists() and not (out / "broken.png").exists()
     assert "notes.txt" not in stdout  # folders expand to image files only
+
+
+def test_mlflow_download_progress_only_with_verbose(logged_model, inputs, tmp_path):
+    argv = ["--model", logged_model.model_uri, "--tracking-uri", logged_model.uri]
+    argv += PREDICT_FLAGS + [str(inputs)]
+    status, _, err = _run(argv + ["--out", str(tmp_path / "quiet")])
+    assert status == 0 and "Downloading artifacts" not in err
+    status, _, err = _run(argv + ["--out", str(tmp_path / "verbose"), "--verbose"])
+    assert status == 0 and "Downloading artifacts" in err
 
 
 def test_every_source_form_resolves_to_the_logged_checkpoint(logged_model, tmp_path):
