@@ -159,6 +159,33 @@ def test_overlays_and_masks_have_the_original_image_size(predicted, inputs):
     assert "images:    3 predicted, 1 skipped" in stdout
 
 
+def test_logged_model_predicts_what_the_job_writes(
+    predicted, logged_model, inputs, load_pyfunc_fresh
+):
+    """The MLflow pyfunc and jobs/predict_pep.py resize alike (wide.png, 150x100, goes in at
+    the checkpoint's data.max_size 96) and give the same instances at the original size."""
+    out, *_ = predicted["file"]
+    expected = json.loads((out / "wide.json").read_text())
+    params = {"score_threshold": 0.0, "max_instances": 4}
+    done, report = load_pyfunc_fresh(
+        logged_model.uri, logged_model.model_uri, inputs / "wide.png", params
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = report["rows"]
+    assert len(rows) == len(expected) > 0
+    for row, result in zip(rows, expected):
+        assert (row["height"], row["width"]) == (100, 150)
+        assert (
+            row["label"] == result["category_id"]
+            and row["mask_rle"] == result["segmentation"]["counts"]
+        )
+        assert row["score"] == pytest.approx(result["score"])
+        x, y, w, h = result["bbox"]
+        assert [row["x0"], row["y0"], row["x1"], row["y1"]] == pytest.approx(
+            [x, y, x + w - 1, y + h - 1]
+        )
+
+
 def test_unreadable_image_is_skipped_and_named(predicted, inputs):
     out, status, stdout, _ = predicted["file"]
     assert status == 0
