@@ -49,6 +49,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--overlays", type=int, default=4, help="overlay PNGs logged per run (0: none)"
     )
+    cli.add_verbose_flag(
+        parser,
+        "Ray's, Ray Train/Data's and MLflow's own logs (a local Ray started by the job hides "
+        "them; a line per started and finished run is printed either way)",
+    )
     return parser
 
 
@@ -75,6 +80,7 @@ def main(args: argparse.Namespace) -> int:
             max_parallel=args.max_parallel,
             log_model=args.log_models,
             overlays=args.overlays,
+            quiet=not args.verbose,
         )
     except (ConfigError, ablation.AblationError, experiment.DataError, RunExistsError) as e:
         print(f"error: {e}", file=sys.stderr)

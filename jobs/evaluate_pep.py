@@ -22,6 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python jobs/x.py`
 
+from pipeline import cli  # noqa: E402
+
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], add_help=add_help)
@@ -82,6 +84,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     )
     parser.add_argument("--out", default=None, help="write the COCO results JSON here")
     parser.add_argument("--metrics-out", default=None, help="write the metrics JSON here")
+    cli.add_verbose_flag(
+        parser,
+        "Ray's, Ray Data's and MLflow's own logs (a local Ray started by the job hides them)",
+    )
     return parser
 
 
@@ -118,8 +124,7 @@ def resolve_shards(args: argparse.Namespace, checkpoint: Path) -> Path:
 
 
 def main(args: argparse.Namespace) -> tuple[dict, dict]:
-    import ray
-
+    from pipeline import cluster
     from pipeline.evaluate import (
         format_ap_table,
         format_recall_table,
@@ -129,8 +134,7 @@ def main(args: argparse.Namespace) -> tuple[dict, dict]:
     from pipeline.inference import evaluate_checkpoint
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if not ray.is_initialized():
-        ray.init()  # joins RAY_ADDRESS when set, else starts a local instance
+    cluster.init_ray(quiet=not args.verbose)  # joins RAY_ADDRESS when set, else starts one
     checkpoint = resolve_checkpoint(args.checkpoint, args.tracking_uri)
     shards = resolve_shards(args, checkpoint)
     metrics, per_threshold = evaluate_checkpoint(

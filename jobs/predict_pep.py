@@ -23,6 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python jobs/x.py`
 
+from pipeline import cli  # noqa: E402
+
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], add_help=add_help)
@@ -49,6 +51,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         help="COCO annotation JSON or shards manifest.json: results get its COCO category ids "
         "(and an annotation JSON's image ids, by file name); default: contiguous class ids",
     )
+    cli.add_verbose_flag(parser, "MLflow's own logs and download progress bars")
     parser.add_argument("inputs", nargs="+", help="image files or folders of images")
     return parser
 
@@ -59,6 +62,8 @@ def main(args: argparse.Namespace) -> int:
     from pipeline.predict import predict_images, read_category_file, resolve_model_source
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        cli.quiet_library_logs()
     with tempfile.TemporaryDirectory(prefix="pep-model-") as download_dir:
         try:
             checkpoint, categories = resolve_model_source(

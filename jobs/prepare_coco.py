@@ -13,11 +13,16 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pipeline.prepare import PrepareResult
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python jobs/x.py`
 
-from pipeline.coco import CocoError  # noqa: E402
-from pipeline.prepare import PrepareConfig, PrepareError, PrepareResult, prepare  # noqa: E402
+# pipeline.prepare.PrepareConfig's defaults, repeated so that --help imports no Ray (a test
+# compares them); None in the parser means "PrepareConfig's".
+DEFAULTS = {"max_size": 512, "rows_per_shard": 256, "jpeg_quality": 95}
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -28,11 +33,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument(
         "--max-size",
         type=int,
-        default=PrepareConfig.max_size,
-        help="longer image side after resizing (aspect kept, no upscaling)",
+        help="longer image side after resizing (aspect kept, no upscaling; default "
+        f"{DEFAULTS['max_size']})",
     )
-    parser.add_argument("--rows-per-shard", type=int, default=PrepareConfig.rows_per_shard)
-    parser.add_argument("--jpeg-quality", type=int, default=PrepareConfig.jpeg_quality)
+    parser.add_argument("--rows-per-shard", type=int, help=f"default {DEFAULTS['rows_per_shard']}")
+    parser.add_argument("--jpeg-quality", type=int, help=f"default {DEFAULTS['jpeg_quality']}")
     parser.add_argument("--force", action="store_true", help="rebuild even if reusable")
     return parser
 
@@ -64,10 +69,11 @@ def summary_table(result: PrepareResult) -> str:
 
 
 def main(args: argparse.Namespace) -> PrepareResult:
+    from pipeline.prepare import PrepareConfig, prepare
+
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    config = PrepareConfig(
-        max_size=args.max_size, jpeg_quality=args.jpeg_quality, rows_per_shard=args.rows_per_shard
-    )
+    given = {name: getattr(args, name) for name in DEFAULTS if getattr(args, name) is not None}
+    config = PrepareConfig(**given)
     result = prepare(args.annotations, args.images, args.out, config, force=args.force)
     print(summary_table(result))
     if result.reused:
@@ -84,8 +90,12 @@ def main(args: argparse.Namespace) -> PrepareResult:
 
 
 if __name__ == "__main__":
+    parsed = get_args_parser().parse_args()
+    from pipeline.coco import CocoError
+    from pipeline.prepare import PrepareError
+
     try:
-        main(get_args_parser().parse_args())
+        main(parsed)
     except (CocoError, PrepareError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

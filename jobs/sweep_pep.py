@@ -98,6 +98,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--no-model", action="store_true", help="do not log a model with every trial's run"
     )
+    cli.add_verbose_flag(
+        parser,
+        "Ray's, Tune's (status tables), Ray Train/Data's and MLflow's own logs (a local Ray "
+        "started by the job hides them; one line per ended trial is printed either way)",
+    )
     parser.add_argument("--name", default="pep-sweep", help="sweep name")
     parser.add_argument(
         "--resume",
@@ -142,6 +147,7 @@ def main(args: argparse.Namespace) -> int:
             grace_period=args.grace_period,
             reduction_factor=args.reduction_factor,
             log_model=not args.no_model,
+            quiet=not args.verbose,
         )
     except (sweep.SweepExistsError, sweep.SweepNotFoundError, experiment.DataError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -23,11 +23,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-workers", type=int, default=None, help="Ray Train workers")
     parser.add_argument("--name", default=None, help="run name (default: pep-<timestamp>)")
     parser.add_argument("--resume", action="store_true", help="continue the run --name")
-    parser.add_argument(
-        "--verbose",
-        action="store_true",
-        help="keep Ray Train/Data's and MLflow's own logs and progress bars (a local Ray "
-        "started by the job hides them; one line per epoch is printed either way)",
+    cli.add_verbose_flag(
+        parser,
+        "Ray's, Ray Train/Data's and MLflow's own logs and progress bars (a local Ray started "
+        "by the job hides them; one line per epoch is printed either way)",
     )
     cli.add_run_flags(parser)
     return parser

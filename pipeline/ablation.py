@@ -30,7 +30,7 @@ import ray.train
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pep_model import Config, config_from_dict, config_to_dict, save_config
-from pipeline import cluster, evaluate, experiment, tracking
+from pipeline import cli, cluster, evaluate, experiment, tracking
 from pipeline.inference import resolve_use_gpu
 from pipeline.train import RunExistsError, run_cpus, run_directory_exists
 
@@ -157,24 +157,28 @@ def parallel_runs(
 
 
 def init_ray(
-    cfg: Config, num_workers: int, validate: bool, max_parallel: int | None, num_runs: int
-) -> int | None:
+    cfg: Config,
+    num_workers: int,
+    validate: bool,
+    max_parallel: int | None,
+    num_runs: int,
+    quiet: bool = False,
+) -> tuple[int | None, bool]:
     """Join RAY_ADDRESS's cluster, or start a local Ray that holds `max_parallel` runs.
 
     Locally the default is one run per `num_workers x train.cpus_per_worker` cores: a run's
     workers use that many cores (torch threads) while the run holds a little more in
     logical CPUs (see `pipeline.train.run_cpus`); on 2 cores, two 1-CPU runs side by side
     finished in 177 s against 254 s one after the other (measured under load).
-    Returns the parallelism to use.
+    Returns the parallelism to use and whether the local Ray is quiet (`cluster.init_ray`).
     """
     if os.environ.get("RAY_ADDRESS"):
         cluster.init_ray()  # e.g. under `ray job submit`
-        return max_parallel
+        return max_parallel, False
     parallel, logical = local_ray_size(
         cfg, num_workers, validate, max_parallel, num_runs, os.cpu_count() or 1
     )
-    cluster.init_ray(num_cpus=logical)
-    return parallel
+    return parallel, cluster.init_ray(num_cpus=logical, quiet=quiet)
 
 
 def local_ray_size(
@@ -224,6 +228,8 @@ def _run_variant(config: dict[str, Any], run_name: str, kwargs: dict[str, Any]) 
     retry would start over and collide with the run's own storage directory).
     """
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if kwargs.get("quiet"):
+        cli.quiet_library_logs()
     summary = experiment.train_and_evaluate(config_from_dict(config), name=run_name, **kwargs)
     return {
         "run_id": summary.run_id,
@@ -268,13 +274,15 @@ def run_ablation(
     validate: bool = True,
     log_model: bool = False,
     overlays: int = 4,
+    quiet: bool = False,
 ) -> AblationResult:
     """Train and evaluate every variant x seed; one MLflow parent run with a child per run.
 
     `max_parallel=None` runs as many side by side as the cluster's CPUs/GPUs hold (see
     `parallel_runs`; a local Ray started here is sized for one run per `num_workers` cores,
     see `init_ray`). A failed run is recorded (table, JSON, its child run tagged `error`)
-    and the others go on.
+    and the others go on. `quiet`, in a local Ray started here: a line per started and ended
+    run and the libraries' warnings, not Ray Train's and Ray Data's INFO logs.
     """
     start = time.perf_counter()
     if not seeds:
@@ -287,7 +295,9 @@ def run_ablation(
     num_workers = num_workers or base.train.num_workers
     runs = [(v, s) for v in variants for s in seeds]
     if not ray.is_initialized():
-        max_parallel = init_ray(base, num_workers, validate, max_parallel, len(runs))
+        max_parallel, quiet = init_ray(base, num_workers, validate, max_parallel, len(runs), quiet)
+    else:
+        quiet = False  # a Ray started elsewhere keeps its own logging
     splits = experiment.resolve_data(data, base, work_dir)  # once, before any run
     shards_root = Path(splits.train_shards).parent
     if Path(splits.val_shards).parent != shards_root:
@@ -372,6 +382,7 @@ def run_ablation(
             "validate": validate,
             "log_model": log_model,
             "overlays": overlays,
+            "quiet": quiet,
         }
         # Ray Train's placement-group cleaner finds "its" cluster through RAY_ADDRESS or, when
         # unset, by scanning this machine for Ray instances: with several on one machine it

@@ -7,6 +7,8 @@ once; the jobs import the pipeline inside `main`.
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -25,10 +27,29 @@ LOSS_WEIGHTS = {
 }
 DEFAULT_WEIGHT_RANGE = (0.25, 4.0)  # the sweep's log-uniform range of each weight
 
+# Libraries whose INFO logs (Ray Train's TrainingReport dumps and checkpoint notices, Ray
+# Data's plans and logged progress, MLflow's store set-up and downloads, matplotlib's font
+# cache) drown a job's own lines.
+CHATTY_LOGGERS = ("ray.train", "ray.tune", "ray.data", "mlflow", "matplotlib")
+QUIET_LEVEL = "WARNING"
+
 
 def project_config(name: str) -> Path:
     """configs/<name> of this project, wherever the job is started from."""
     return CONFIG_DIR / name
+
+
+def quiet_library_logs() -> None:
+    """Keep only the warnings and errors of `CHATTY_LOGGERS` in this process, and no MLflow
+    artifact progress bars (what a job shows without --verbose)."""
+    for name in CHATTY_LOGGERS:
+        logging.getLogger(name).setLevel(QUIET_LEVEL)
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+
+
+def add_verbose_flag(parser: argparse.ArgumentParser, what: str) -> None:
+    """--verbose: keep the libraries' own logs; `what` says which ones the job hides."""
+    parser.add_argument("--verbose", action="store_true", help=f"keep {what}")
 
 
 def add_config_flags(

@@ -9,13 +9,26 @@ import socket
 
 import ray
 
-# Libraries whose INFO logs (Ray Train's TrainingReport dumps and checkpoint notices, Ray
-# Data's plans and logged progress, MLflow's store set-up) drown a local run's own lines.
-CHATTY_LOGGERS = ("ray.train", "ray.tune", "ray.data", "mlflow")
-QUIET_LEVEL = "WARNING"
+from pipeline.cli import QUIET_LEVEL, quiet_library_logs
+
+# Set for a quiet local instance's Ray processes (none when joining a cluster): the
+# preemption watcher, an actor Ray Train starts beside every worker group to react to nodes
+# being drained, has nothing to watch on one machine, and Ray 2.60 logs an error line from its
+# creation ("Actor with class name: 'PreemptionWatcher' ... has constructor arguments in the
+# object store and max_restarts > 0").
+QUIET_WORKER_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+# A new local instance uses token authentication unless RAY_AUTH_MODE says otherwise, and
+# warns that it did so. Ray reads RAY_AUTH_MODE when it is imported (set by `init_ray` it
+# comes too late), so the notice is filtered instead.
+TOKEN_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+TOKEN_AUTH_NOTICE = "Token authentication is enabled for this Ray cluster."
 
 
-def init_ray(num_cpus: int | None = None, quiet: bool = False) -> None:
+def _not_token_auth_notice(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith(TOKEN_AUTH_NOTICE)
+
+
+def init_ray(num_cpus: int | None = None, quiet: bool = False) -> bool:
     """Join RAY_ADDRESS (e.g. under `ray job submit`), else start a local instance.
 
     A local instance gets an explicit dashboard port, announced to its own processes as
@@ -24,28 +37,38 @@ def init_ray(num_cpus: int | None = None, quiet: bool = False) -> None:
     state API and fails when several Ray instances run on the machine ("Found multiple active
     Ray instances"); the run's CPUs then stay reserved and the next run waits forever.
     `num_cpus` sizes the local instance's logical CPUs (ignored when joining a cluster).
-    `quiet` (local instances only): Ray Train/Tune/Data and MLflow keep only their warnings
-    and errors, in the driver and (Ray Data) in the workers; Ray Train's own workers and
-    controller follow `RunConfig.logging_config` (`pipeline.train.run_training(quiet=)`).
+    `quiet` (local instances only): Ray (its start-up lines), Ray Train/Tune/Data and MLflow
+    keep only their warnings and errors, in the driver and (Ray Data) in the workers; Ray
+    Train's own workers and controller follow `RunConfig.logging_config`
+    (`pipeline.train.run_training(quiet=)`); see also `QUIET_WORKER_ENV`, `TOKEN_AUTH_NOTICE`.
+    Returns True when it started a quiet local instance: the runs a sweep or an ablation
+    drives from Ray tasks are then quiet too.
     """
     if ray.is_initialized():
-        return
+        return False
     if os.environ.get("RAY_ADDRESS"):
         ray.init()
-        return
+        return False
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     runtime_env = {"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}}
     if quiet:
-        for name in CHATTY_LOGGERS:
-            logging.getLogger(name).setLevel(QUIET_LEVEL)
-        os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+        quiet_library_logs()
+        logging.getLogger(TOKEN_AUTH_LOGGER).addFilter(_not_token_auth_notice)
         runtime_env["env_vars"]["RAY_DATA_LOG_LEVEL"] = QUIET_LEVEL  # Ray Data in the workers
+        runtime_env["env_vars"].update(QUIET_WORKER_ENV)
         # Datasets carry the driver's DataContext: without Ray's distributed tqdm, a dataset
         # executed in a worker (the training split) logs its progress at INFO, hidden above.
         ray.data.DataContext.get_current().use_ray_tqdm = False
-    ray.init(num_cpus=num_cpus, dashboard_port=port, runtime_env=runtime_env)
+    ray.init(
+        num_cpus=num_cpus,
+        dashboard_port=port,
+        runtime_env=runtime_env,
+        # the driver's `ray` logger ("Started a local Ray instance. View the dashboard at ...")
+        logging_level=QUIET_LEVEL if quiet else logging.INFO,
+    )
+    return quiet
 
 
 def local_cpus(run_cpus: float) -> int:

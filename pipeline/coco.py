@@ -507,6 +507,23 @@ def resize_mask(mask: np.ndarray, out_height: int, out_width: int) -> np.ndarray
     return _resample_crop(rows, cols, height, width, out_height, out_width)
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB version of any PIL image; 16/32-bit grayscale is scaled linearly from 0..65535."""
+    if image.mode.startswith("I"):  # I;16, I;16B, I (16-bit PNGs open as one of these)
+        values = np.asarray(image, dtype=np.float64)
+        gray = np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(gray, "L").convert("RGB")
+    if image.mode == "F":
+        return Image.fromarray(np.clip(np.asarray(image), 0, 255).astype(np.uint8)).convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def resized_size(width: int, height: int, max_size: int) -> tuple[int, int]:
+    """(width, height) with the longer side <= max_size, aspect kept, never upscaled."""
+    scale = min(1.0, max_size / max(width, height))
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
 def resize_rle(
     counts: str | bytes, height: int, width: int, out_height: int, out_width: int
 ) -> np.ndarray:

@@ -12,7 +12,8 @@ artifacts are stored under `artifacts/` in the model directory and named in its 
 
 Each image is resized as `prepare` resizes training images (longer side at most the
 checkpoint's `data.max_size`, never upscaled); masks and boxes come back at the image's
-original size. The run is local (one process, no Ray): one model, images one at a time.
+original size (`pipeline.single_image`, as in the logged MLflow model). The run is local
+(one process, no Ray): one model, images one at a time.
 """
 
 from __future__ import annotations
@@ -31,10 +32,9 @@ from PIL import Image
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from pipeline.coco import CategoryMap, decode_rles
-from pipeline.evaluate import predictions_to_coco_results
+from pipeline.coco import CategoryMap, decode_rles, to_rgb
 from pipeline.inference import Checkpoint, InferenceError, load_model, resolve_use_gpu
-from pipeline.prepare import resized_size, to_rgb
+from pipeline.single_image import predict_image
 from pipeline.train import CHECKPOINT_FILE
 from pipeline.visualize import draw_overlay
 
@@ -367,8 +367,8 @@ def predict_images(
                 records.append({"image": str(path), "skipped": str(e)})
                 continue
             image_id = (image_ids or {}).get(path.name, index)
-            results, labels = _predict_one(
-                model, image, image_id, config.data.max_size, to_category, device
+            results, labels = predict_image(
+                model, image, config.data.max_size, image_id, to_category, device
             )
             for result, label in zip(results, labels):
                 result["category_name"] = names.get(label, str(label))
@@ -386,27 +386,6 @@ def predict_images(
                 }
             )
     return records
-
-
-def _predict_one(
-    model: torch.nn.Module,
-    image: Image.Image,
-    image_id: int,
-    max_size: int,
-    to_category: Mapping[int, int],
-    device: torch.device,
-) -> tuple[list[dict[str, Any]], list[int]]:
-    """COCO results at the original size, and the contiguous label of each result."""
-    size = resized_size(image.width, image.height, max_size)
-    resized = image if size == image.size else image.resize(size, Image.Resampling.BILINEAR)
-    tensor = torch.from_numpy(np.asarray(resized).copy()).permute(2, 0, 1).float().div_(255.0)
-    with torch.inference_mode():
-        (prediction,) = model([tensor.to(device)])
-    prediction = {k: v.cpu() for k, v in prediction.items()}
-    results = predictions_to_coco_results(
-        [prediction], [image_id], [(image.height, image.width)], to_category
-    )
-    return results, [int(label) for label in prediction["labels"]]
 
 
 def _overlay(

@@ -70,13 +70,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 from PIL import Image
 from pycocotools import mask as mask_utils
-from ray.data.datasource import FilenameProvider
+from ray.data.datasource import FilenameProvider, SaveMode
 from ray.data.expressions import col
 
 from pipeline.coco import (
@@ -87,7 +86,9 @@ from pipeline.coco import (
     index_coco,
     load_coco_json,
     resize_rle,
+    resized_size,
     rle_box,
+    to_rgb,
     to_rle,
 )
 
@@ -264,9 +265,9 @@ def prepare(
         len(index.rejections),
     )
     tmp_dir = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp_dir.mkdir(parents=True)
     try:
         manifest = _build(index, images_dir, tmp_dir, config)
+        tmp_dir.mkdir(parents=True, exist_ok=True)  # made by the shards' write, if any
         manifest["source"] = {
             "annotations": str(annotations.resolve()),
             "images_dir": str(images_dir.resolve()),
@@ -303,7 +304,8 @@ def _replace_dir(new: Path, target: Path) -> None:
 
 
 def _build(index: CocoIndex, images_dir: Path, tmp_dir: Path, config: PrepareConfig) -> dict:
-    """Run the Ray Data pass, write the good rows, and return the manifest (sans source)."""
+    """Run the Ray Data pass, write the good rows into the new folder `tmp_dir` (which must not
+    exist yet), and return the manifest (sans source)."""
     items = [
         {
             "index": rec.index,
@@ -349,7 +351,9 @@ def _build(index: CocoIndex, images_dir: Path, tmp_dir: Path, config: PrepareCon
                 good.repartition(max(1, math.ceil(n_ok / config.rows_per_shard))).write_parquet(
                     str(tmp_dir),
                     filename_provider=_ShardNames(),
-                    mode="overwrite",
+                    # a new folder: stable shard names need no write id there, and nothing is
+                    # replaced (Ray Data warns on every "overwrite" of a folder that exists)
+                    mode=SaveMode.CREATE,
                     row_group_size=_ROW_GROUP_ROWS,
                 )
             shards = _list_shards(tmp_dir)
@@ -497,23 +501,6 @@ def _reject_image(rec: dict[str, Any], anns: list[dict], code: str, reason: str)
         ]
     )
     return row
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB version of any PIL image; 16/32-bit grayscale is scaled linearly from 0..65535."""
-    if image.mode.startswith("I"):  # I;16, I;16B, I (16-bit PNGs open as one of these)
-        values = np.asarray(image, dtype=np.float64)
-        gray = np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8)
-        return Image.fromarray(gray, "L").convert("RGB")
-    if image.mode == "F":
-        return Image.fromarray(np.clip(np.asarray(image), 0, 255).astype(np.uint8)).convert("RGB")
-    return image if image.mode == "RGB" else image.convert("RGB")
-
-
-def resized_size(width: int, height: int, max_size: int) -> tuple[int, int]:
-    """(width, height) with the longer side <= max_size, aspect kept, never upscaled."""
-    scale = min(1.0, max_size / max(width, height))
-    return max(1, round(width * scale)), max(1, round(height * scale))
 
 
 def process_image(

@@ -33,7 +33,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from pep_model import Config, config_from_dict, config_to_dict, save_config
-from pipeline import cluster, experiment, tracking
+from pipeline import cli, cluster, experiment, tracking
 from pipeline.cli import DEFAULT_WEIGHT_RANGE, LOSS_WEIGHTS
 from pipeline.inference import resolve_use_gpu
 from pipeline.train import run_cpus, run_directory_exists
@@ -80,6 +80,7 @@ class SweepSpec:
     log_model: bool = True
     overlays: int = 2
     seed: int = 0
+    quiet: bool = False  # trials keep only the libraries' warnings (set by each invocation)
 
     @property
     def experiment_path(self) -> str:
@@ -248,6 +249,8 @@ def pep_trial(config: dict[str, Any], spec: SweepSpec) -> None:
     name = trial_run_name(spec.name, trial_id)
     # A restored (resumed) trial continues its own Ray Train run from the last checkpoint.
     resume = run_directory_exists(spec.train_storage, name)
+    if spec.quiet:
+        cli.quiet_library_logs()
     summary = experiment.train_and_evaluate(
         cfg,
         data=spec.data_root,
@@ -263,6 +266,7 @@ def pep_trial(config: dict[str, Any], spec: SweepSpec) -> None:
         log_model=spec.log_model,
         overlays=spec.overlays,
         callbacks=[EpochReportCallback(weights)],
+        quiet=spec.quiet,
     )
     threshold, ap = best_threshold(summary.thresholds)
     final = {
@@ -394,6 +398,7 @@ def _make_tuner(spec: SweepSpec, restore: bool) -> ray.tune.Tuner:
         run_config=ray.tune.RunConfig(
             name=spec.name, storage_path=spec.storage_path,
             callbacks=[TrialProgress(spec.num_samples)],
+            verbose=0 if spec.quiet else None,  # 0: no status tables, TrialProgress's lines only
         ),
     )
 
@@ -418,16 +423,18 @@ def run_sweep(
     reduction_factor: float = 2.0,
     log_model: bool = True,
     overlays: int = 2,
+    quiet: bool = False,
 ) -> SweepSummary:
     """Run (or with `resume`, continue) a Tune sweep; returns the leaderboard and best config.
 
     The data is resolved (generated / prepared into shards) once here, before Tune starts,
-    so trials never prepare shards concurrently.
+    so trials never prepare shards concurrently. `quiet`, in a local Ray started here: the
+    console shows TrialProgress's line per ended trial and the libraries' warnings, not Tune's
+    status tables or Ray Train's and Ray Data's INFO logs (see `cluster.init_ray`).
     """
     work_dir = Path(work_dir).resolve()
-    if not ray.is_initialized():
-        workers = workers_per_trial or cfg.train.num_workers
-        cluster.init_ray(num_cpus=cluster.local_cpus(run_cpus(cfg, workers)))
+    workers = workers_per_trial or cfg.train.num_workers
+    quiet = cluster.init_ray(num_cpus=cluster.local_cpus(run_cpus(cfg, workers)), quiet=quiet)
     storage_path = absolute_storage(storage_path or str(work_dir / "sweeps"))
     experiment_path = f"{storage_path.rstrip('/')}/{name}"
 
@@ -438,6 +445,7 @@ def run_sweep(
                 "and --storage-path)"
             )
         spec = read_spec(experiment_path)
+        spec.quiet = quiet
         logger.info("resuming sweep %s from %s (its saved settings)", name, experiment_path)
     else:
         if run_directory_exists(storage_path, name):
@@ -478,6 +486,7 @@ def run_sweep(
             log_model=log_model,
             overlays=overlays,
             seed=cfg.train.seed,
+            quiet=quiet,
         )
 
     experiment_id = tracking.set_experiment(spec.experiment_name, spec.tracking_uri)

@@ -165,9 +165,12 @@ class PEPPyfunc(mlflow.pyfunc.PythonModel):
     """pyfunc wrapper: a DataFrame of encoded images in, one row per instance out.
 
     Input: column `image` with encoded image bytes (JPEG/PNG). Output columns: image_index,
-    label (contiguous class id), category (name), score, box x0 y0 x1 y1, the image's
-    height/width and the binary mask as COCO compressed RLE (`mask_rle`). Params (`PARAMS`):
-    `score_threshold`, `max_instances`.
+    label (contiguous class id), category (name), score, box x0 y0 x1 y1 (the mask's, inclusive
+    pixel corners), the
+    image's height/width and the binary mask as COCO compressed RLE (`mask_rle`), all at the
+    image's original size; the model sees it resized as in training, as in
+    `jobs/predict_pep.py` (`pipeline.single_image`). Params (`PARAMS`): `score_threshold`,
+    `max_instances`.
 
     `pep_pyfunc.py` instantiates it for models logged from code. Models logged before that
     hold a pickled instance that names this class (`pipeline.tracking.PEPPyfunc`): MLflow
@@ -185,9 +188,10 @@ class PEPPyfunc(mlflow.pyfunc.PythonModel):
             self.categories = {int(k): v for k, v in json.load(f).items()}
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
-        import torch
         from PIL import Image
-        from pycocotools import mask as mask_utils
+
+        from pipeline.coco import to_rgb
+        from pipeline.single_image import predict_image
 
         params = params or {}
         self.model.set_inference_params(
@@ -195,29 +199,25 @@ class PEPPyfunc(mlflow.pyfunc.PythonModel):
         )
         rows = []
         for index, data in enumerate(model_input["image"]):
-            image = Image.open(io.BytesIO(data)).convert("RGB")
-            tensor = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 255
-            with torch.inference_mode():
-                (pred,) = self.model([tensor])
-            for k in range(len(pred["scores"])):
-                rle = mask_utils.encode(
-                    np.asfortranarray(pred["masks"][k].numpy().astype(np.uint8))
-                )
-                label = int(pred["labels"][k])
-                x0, y0, x1, y1 = (float(v) for v in pred["boxes"][k])
+            image = to_rgb(Image.open(io.BytesIO(data)))
+            # resized as in training (data.max_size), results at the original size: the same
+            # as jobs/predict_pep.py
+            results, labels = predict_image(self.model, image, self.config.data.max_size)
+            for result, label in zip(results, labels):
+                x, y, w, h = result["bbox"]
                 rows.append(
                     {
                         "image_index": index,
                         "label": label,
                         "category": self.categories.get(label, str(label)),
-                        "score": float(pred["scores"][k]),
-                        "x0": x0,
-                        "y0": y0,
-                        "x1": x1,
-                        "y1": y1,
+                        "score": float(result["score"]),
+                        "x0": float(x),
+                        "y0": float(y),
+                        "x1": float(max(x, x + w - 1)),  # inclusive, as the model's boxes
+                        "y1": float(max(y, y + h - 1)),
                         "height": image.height,
                         "width": image.width,
-                        "mask_rle": rle["counts"].decode("ascii"),
+                        "mask_rle": result["segmentation"]["counts"],
                     }
                 )
         columns = [c.name for c in OUTPUT_SCHEMA.inputs]

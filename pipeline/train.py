@@ -24,6 +24,7 @@ from typing import Any
 
 import pyarrow.fs
 import ray
+import ray.data
 import ray.train
 import torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -258,6 +259,21 @@ def _quiet_report_log() -> None:
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
+def ingest_options() -> ray.data.ExecutionOptions:
+    """Ray Train's default options for the training dataset, from the driver's DataContext
+    (`ray.train.DataConfig.default_ingest_options`), without `exclude_resources`.
+
+    Given explicitly: Ray 2.60's default passes the deprecated `exclude_resources` on, which
+    logs a RayDeprecationWarning from Ray Train's dataset manager in every run.
+    """
+    options = ray.data.DataContext.get_current().execution_options
+    return ray.data.ExecutionOptions(
+        resource_limits=options.resource_limits,
+        preserve_order=options.preserve_order,
+        verbose_progress=options.verbose_progress,
+    )
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """The per-worker training loop (Ray Train V2)."""
     cfg = config_from_dict(loop_config["config"])
@@ -423,6 +439,7 @@ def run_training(
             logging_config=ray.train.LoggingConfig(log_level="WARNING" if quiet else "INFO"),
         ),
         datasets={"train": dataset},
+        dataset_config=ray.train.DataConfig(execution_options=ingest_options()),
         validation_config=validation_config,
     )
     logger.info(

@@ -192,6 +192,38 @@ def test_a_run_stopped_by_ray_is_resumed_once(ray_session, tiny_config):
     assert not ablation.is_system_failure(ValueError("bad config"))
 
 
+def test_a_quiet_ablations_runs_keep_only_the_libraries_warnings(tiny_config, monkeypatch):
+    """A run's Ray task drives its own Ray Train and MLflow: it quiets them in its process
+    (the driver's logger levels do not reach it) and passes `quiet` on."""
+    import logging
+    from types import SimpleNamespace
+
+    from pipeline import cli, experiment
+
+    seen = {}
+
+    def fake_train_and_evaluate(cfg, name, **kwargs):
+        seen.update(kwargs, levels={n: logging.getLogger(n).level for n in cli.CHATTY_LOGGERS})
+        return SimpleNamespace(run_id="r", metrics={"segm/AP": 0.5}, train_seconds=1.0,
+                               eval_seconds=1.0, eval_images=1)  # fmt: skip
+
+    monkeypatch.setattr(experiment, "train_and_evaluate", fake_train_and_evaluate)
+    monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "true")
+    loggers = [logging.getLogger(name) for name in cli.CHATTY_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    config = ablation.config_to_dict(tiny_config())
+    try:
+        for logger in loggers:
+            logger.setLevel(logging.NOTSET)
+        ablation._run_variant._function(config, "r", {"quiet": False})
+        assert seen["quiet"] is False and set(seen["levels"].values()) == {logging.NOTSET}
+        ablation._run_variant._function(config, "r", {"quiet": True})
+        assert seen["quiet"] is True and set(seen["levels"].values()) == {logging.WARNING}
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
 def test_job_exits_non_zero_when_a_run_failed(monkeypatch, capsys):
     result = ablation.AblationResult(
         name="t",

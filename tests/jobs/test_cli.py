@@ -29,7 +29,7 @@ def test_every_job_is_probed():
     assert {"train_pep", "sweep_pep", "ablation_pep", "evaluate_pep", "promote_pep"} <= set(JOBS)
 
 
-@pytest.mark.parametrize("job", [j for j in JOBS if j != "prepare_coco"])
+@pytest.mark.parametrize("job", JOBS)
 def test_parser_imports_no_heavy_library_and_defaults_resolve_elsewhere(job, tmp_path):
     # Run from an unrelated folder: a default config must not depend on the current directory.
     out = subprocess.run(
@@ -45,6 +45,32 @@ def test_parser_imports_no_heavy_library_and_defaults_resolve_elsewhere(job, tmp
     config = probe["defaults"].get("config")
     if config is not None:
         assert Path(config).is_absolute() and Path(config).is_file(), config
+
+
+def test_prepare_flags_default_to_prepare_config():
+    """jobs/prepare_coco.py repeats PrepareConfig's defaults (its --help imports no Ray)."""
+    import importlib.util
+    from dataclasses import asdict
+
+    from pipeline.prepare import PrepareConfig
+
+    spec = importlib.util.spec_from_file_location("prepare_coco", ROOT / "jobs" / "prepare_coco.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    assert job.DEFAULTS == asdict(PrepareConfig())
+
+
+@pytest.mark.parametrize("job", JOBS)
+def test_help_of_every_job_answers_from_another_folder(job, tmp_path):
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "jobs" / f"{job}.py"), "--help"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("usage:") and not out.stderr
 
 
 def test_help_runs_from_another_folder(tmp_path):

@@ -8,6 +8,8 @@ import filecmp
 import importlib.util
 import io
 import json
+import logging
+import os
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -19,7 +21,7 @@ import torch
 from PIL import Image
 
 import pep_model
-from pipeline import tracking
+from pipeline import cli, tracking
 from pipeline.coco import decode_rle
 from pipeline.predict import (
     ModelSourceError,
@@ -43,11 +45,21 @@ def _job(name: str):
 
 
 def _run(argv: list[str]) -> tuple[int, str, str]:
-    """jobs/predict_pep.py main(argv) -> (exit status, stdout, stderr)."""
+    """jobs/predict_pep.py main(argv) -> (exit status, stdout, stderr); the logger levels and
+    environment the job sets for its own process are restored afterwards."""
     job = _job("predict_pep")
     out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        status = job.main(job.get_args_parser().parse_args(argv))
+    loggers = [logging.getLogger(name) for name in cli.CHATTY_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    env = dict(os.environ)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            status = job.main(job.get_args_parser().parse_args(argv))
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+        os.environ.clear()
+        os.environ.update(env)
     return status, out.getvalue(), err.getvalue()
 
 
@@ -147,12 +159,48 @@ def test_overlays_and_masks_have_the_original_image_size(predicted, inputs):
     assert "images:    3 predicted, 1 skipped" in stdout
 
 
+def test_logged_model_predicts_what_the_job_writes(
+    predicted, logged_model, inputs, load_pyfunc_fresh
+):
+    """The MLflow pyfunc and jobs/predict_pep.py resize alike (wide.png, 150x100, goes in at
+    the checkpoint's data.max_size 96) and give the same instances at the original size."""
+    out, *_ = predicted["file"]
+    expected = json.loads((out / "wide.json").read_text())
+    params = {"score_threshold": 0.0, "max_instances": 4}
+    done, report = load_pyfunc_fresh(
+        logged_model.uri, logged_model.model_uri, inputs / "wide.png", params
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = report["rows"]
+    assert len(rows) == len(expected) > 0
+    for row, result in zip(rows, expected):
+        assert (row["height"], row["width"]) == (100, 150)
+        assert (
+            row["label"] == result["category_id"]
+            and row["mask_rle"] == result["segmentation"]["counts"]
+        )
+        assert row["score"] == pytest.approx(result["score"])
+        x, y, w, h = result["bbox"]
+        assert [row["x0"], row["y0"], row["x1"], row["y1"]] == pytest.approx(
+            [x, y, x + w - 1, y + h - 1]
+        )
+
+
 def test_unreadable_image_is_skipped_and_named(predicted, inputs):
     out, status, stdout, _ = predicted["file"]
     assert status == 0
     assert f"skipped:   {inputs / 'broken.jpg'}: cannot read the image" in stdout
     assert not (out / "broken.json").exists() and not (out / "broken.png").exists()
     assert "notes.txt" not in stdout  # folders expand to image files only
+
+
+def test_mlflow_download_progress_only_with_verbose(logged_model, inputs, tmp_path):
+    argv = ["--model", logged_model.model_uri, "--tracking-uri", logged_model.uri]
+    argv += PREDICT_FLAGS + [str(inputs)]
+    status, _, err = _run(argv + ["--out", str(tmp_path / "quiet")])
+    assert status == 0 and "Downloading artifacts" not in err
+    status, _, err = _run(argv + ["--out", str(tmp_path / "verbose"), "--verbose"])
+    assert status == 0 and "Downloading artifacts" in err
 
 
 def test_every_source_form_resolves_to_the_logged_checkpoint(logged_model, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import sys
 from pathlib import Path
 
@@ -127,3 +128,26 @@ def test_resume_of_a_finished_sweep_runs_no_trial_again(finished_sweep):
     assert {r.info.run_id for r in again} == {c.info.run_id for c in children}
     train_runs = sorted(p.name for p in (work / "sweeps" / "sw" / "train_runs").iterdir())
     assert len(train_runs) == 2
+
+
+def test_a_quiet_sweep_shows_no_tune_status_tables_and_quiets_its_trials(tiny_config, tmp_path):
+    """Quiet: Tune's status tables off (TrialProgress prints a line per ended trial); the spec
+    that tells the trials is saved for --resume, and specs saved before it had `quiet` load."""
+    from pipeline import sweep
+
+    spec = sweep.SweepSpec(
+        name="q", base_config=sweep.config_to_dict(tiny_config()), data_root=str(tmp_path),
+        work_dir=str(tmp_path), storage_path=str(tmp_path), tracking_uri="sqlite:///x.db",
+        experiment_name="pep", parent_run_id="", ranges={"alpha": (0.5, 2.0)}, quiet=True,
+    )  # fmt: skip
+    run_config = sweep._make_tuner(spec, restore=False)._local_tuner.get_run_config()
+    assert run_config.verbose == 0
+    assert any(isinstance(c, sweep.TrialProgress) for c in run_config.callbacks)
+    spec.quiet = False
+    assert sweep._make_tuner(spec, restore=False)._local_tuner.get_run_config().verbose != 0
+    sweep.write_spec(spec)
+    assert sweep.read_spec(spec.experiment_path) == spec
+    saved = Path(spec.experiment_path) / sweep.SPEC_FILE
+    older = {k: v for k, v in json.loads(saved.read_text()).items() if k != "quiet"}
+    saved.write_text(json.dumps(older))
+    assert sweep.read_spec(spec.experiment_path).quiet is False

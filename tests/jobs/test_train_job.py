@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -144,3 +146,60 @@ def test_overlays_show_ground_truth_beside_the_prediction_upscaled(finished_job)
     assert overlay.shape == (16 + 384, 384 + 6 + 384, 3)
     truth, prediction = overlay[16:, :384], overlay[16:, 390:]
     assert np.abs(truth - prediction).max() > 30  # different drawings of the same image
+
+
+# Lines Ray and its libraries print in a local run unless --verbose: Ray's start-up notices, Ray
+# Train's per-report dumps and checkpoint notices, the error line Ray logs when it creates
+# Ray Train's preemption watcher.
+RAY_OWN_LINES = (
+    "Token authentication is enabled",
+    "Started a local Ray instance",
+    "PreemptionWatcher",
+    "TrainingReport(",
+    "Checkpoint successfully created",
+)
+# Lines no run prints any more: our own use of Ray Data's "overwrite" write mode, Ray Train's
+# default ingest options (which pass the deprecated exclude_resources).
+FIXED_LINES = ("SaveMode", "exclude_resources")
+
+
+@pytest.fixture(scope="module")
+def console(tiny_coco, tiny_overrides, tmp_path_factory):
+    """Factory: the console (stdout + stderr) of `python jobs/train_pep.py` in a fresh process
+    with its own local Ray: one epoch on the tiny COCO folder, from a folder of its own."""
+
+    def run(*flags: str) -> str:
+        work = tmp_path_factory.mktemp("console")
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        sets = [item for o in tiny_overrides + ["train.epochs=1"] for item in ("--set", o)]
+        done = subprocess.run(
+            [sys.executable, str(ROOT / "jobs" / "train_pep.py"), "--data", str(tiny_coco)]
+            + sets + list(flags),
+            cwd=work, env=env, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout + done.stderr
+
+    return run
+
+
+@pytest.mark.slow
+def test_console_shows_our_lines_not_rays_by_default(console):
+    text = console()
+    assert "epoch 1/1  loss" in text and "MLflow run:" in text
+    for line in RAY_OWN_LINES + FIXED_LINES:
+        assert line not in text, f"{line!r} printed without --verbose:\n{text[-3000:]}"
+
+
+@pytest.mark.slow
+def test_verbose_keeps_rays_own_lines(console):
+    text = console("--verbose")
+    assert "epoch 1/1  loss" in text
+    for line in (
+        "Token authentication is enabled",
+        "Started a local Ray instance",
+        "TrainingReport(",
+    ):
+        assert line in text, f"{line!r} missing with --verbose"
+    for line in FIXED_LINES:
+        assert line not in text

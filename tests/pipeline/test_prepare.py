@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -164,9 +165,32 @@ def _shard_state(out: Path) -> dict[str, tuple[int, bytes]]:
     return {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(out.iterdir())}
 
 
-def test_reuse_force_and_rebuild_on_changes(ray_session, tiny_coco, tmp_path, capsys):
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.fixture
+def ray_data_warnings():
+    """The warnings Ray Data logs in this process (e.g. "[SaveMode=overwrite] Replacing
+    contents ..." when a write replaces a folder)."""
+    handler = _Records()
+    logger = logging.getLogger("ray.data")
+    logger.addHandler(handler)
+    yield handler.records
+    logger.removeHandler(handler)
+
+
+def test_reuse_force_and_rebuild_on_changes(
+    ray_session, tiny_coco, tmp_path, capsys, ray_data_warnings
+):
     """Same input+config: reused, nothing rewritten (CLI says so); --force: rebuilt with
-    identical bytes (deterministic); a changed config or input: rebuilt."""
+    identical bytes (deterministic); a changed config or input: rebuilt. No build replaces a
+    folder through Ray Data (which warns on every overwrite)."""
     from jobs.prepare_coco import get_args_parser, main
 
     split = tmp_path / "coco"
@@ -200,6 +224,7 @@ def test_reuse_force_and_rebuild_on_changes(ray_session, tiny_coco, tmp_path, ca
     assert not changed.reused and changed.rebuild_reason.startswith("input changed")
     assert changed.manifest["counts"]["annotations_in"] == len(data["annotations"])
     assert not list(tmp_path.glob(".shards.*"))  # no temporary folders left behind
+    assert [r.getMessage() for r in ray_data_warnings] == []
 
 
 def test_refuses_to_replace_a_folder_that_is_not_shards(tiny_coco, tmp_path):

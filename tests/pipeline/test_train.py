@@ -7,6 +7,7 @@ import os
 import signal
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -20,11 +21,28 @@ from pipeline.train import (
     build_lr_scheduler,
     build_optimizer,
     check_storage_probe,
+    ingest_options,
     load_training_checkpoint,
     run_cpus,
     run_training,
     write_storage_probe,
 )
+
+
+def test_ingest_options_are_ray_trains_defaults_without_the_deprecated_field():
+    """The training dataset's options, given to Ray Train explicitly: its own default passes
+    `exclude_resources` on, which warns (RayDeprecationWarning) in every run."""
+    from ray.train import DataConfig
+    from ray.util.annotations import RayDeprecationWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RayDeprecationWarning)
+        ours = ingest_options()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RayDeprecationWarning)
+        theirs = DataConfig.default_ingest_options()
+    for name in ("resource_limits", "exclude_resources", "preserve_order", "verbose_progress"):
+        assert getattr(ours, name) == getattr(theirs, name), name
 
 
 def test_optimizer_skips_weight_decay_on_biases_and_norms(tiny_config):
