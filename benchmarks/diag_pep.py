@@ -8,7 +8,8 @@ Measurements with the checkpoint's own weights:
 1. The same weights, inference switched: AP as trained, with purifying's grouping replaced by
    Matrix NMS (what the Baseline uses), without the mined descriptors, and with neither. If
    a switched row beats "as trained", that module costs AP at this state of training.
-   Each `--try` adds a row with post-processing parameters changed on the same weights.
+   Each `--try` adds a row with post-processing parameters changed on the same weights
+   (`excavate=false` / `purify=false` among them take that module out).
 2. Purifying's graph against the ground truth: every descriptor whose location lies in exactly
    one ground-truth mask belongs to that object. For the pairs of such descriptors: the mean
    symmetrised similarity and the share at or above `purify_threshold`, for pairs on the same
@@ -93,11 +94,14 @@ def parse_try(text: str) -> dict[str, object]:
 
 @contextlib.contextmanager
 def inference_params(model: PEP, **params) -> Iterator[PEP]:
-    """The model with post-processing parameters changed, restored on exit."""
+    """The model with post-processing parameters changed, restored on exit. The keys
+    `excavate` / `purify` (false) take that module out, as `switched` does."""
+    modules = {key: bool(params.pop(key)) for key in list(params) if key in MODULES}
     saved = {key: getattr(model.config, key) for key in params}
     model.set_inference_params(**params)
     try:
-        yield model
+        with switched(model, **modules):
+            yield model
     finally:
         model.set_inference_params(**saved)
 

@@ -60,6 +60,14 @@ def test_switched_takes_modules_out_for_inference_and_restores_them(diag):
         assert out["masks"].shape[1:] == (64, 64)
     assert model.excavating is excavating and model.purifying is purifying
 
+    # a --try row may take a module out beside its post-processing parameters
+    params = diag.parse_try("excavate=false,purify_overlap=similarity")
+    assert params == {"excavate": False, "purify_overlap": "similarity"}
+    with diag.inference_params(model, **params):
+        assert model.excavating is None and model.purifying is purifying
+        assert model.config.purify_overlap == "similarity"
+    assert model.excavating is excavating and model.config.purify_overlap == "min"
+
 
 def test_best_ious_per_object_and_per_prediction(diag):
     gt = torch.zeros(2, 10, 10, dtype=torch.bool)
