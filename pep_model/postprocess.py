@@ -119,7 +119,7 @@ def matrix_nms(
 
 def mask_iou(masks: Tensor, mask_area: Tensor | None = None) -> Tensor:
     """[N, N] float IoU of [N, H, W] binary masks (`mask_area`: their pixel counts, optional)."""
-    flat = masks.reshape(masks.shape[0], -1).float()  # [N, H*W]
+    flat = masks.flatten(1).float()  # [N, H*W]
     area = flat.sum(dim=1) if mask_area is None else mask_area.float()  # [N]
     inter = flat @ flat.T  # [N, N]
     union = (area[:, None] + area[None, :] - inter).clamp_min(_EPS)  # [N, N]

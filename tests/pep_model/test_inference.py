@@ -140,3 +140,16 @@ def test_decay_by_similarity_and_iou_reduces_to_matrix_nms_when_the_similarity_i
     )
     with pytest.raises(ValueError, match="purify_overlap must be one of"):
         purifying.set_inference_params(purify_overlap="iou")
+
+
+def test_decay_with_every_mask_empty_gives_typed_empty_results(eval_model):
+    if eval_model.purifying is None:
+        pytest.skip("decay applies to purifying")
+    eval_model.set_inference_params(purify_merge="decay", purify_overlap="min",
+                                    mask_threshold=1.0)  # no pixel passes: all masks empty
+    try:
+        (pred,) = eval_model([torch.rand(3, 64, 64)])
+    finally:
+        eval_model.set_inference_params(purify_merge="mean", mask_threshold=0.3)
+    check_prediction(pred, 64, 64, eval_model.config.max_instances)
+    assert pred["labels"].numel() == 0

@@ -128,12 +128,15 @@ def test_the_default_model_uses_the_dynamic_head_for_every_descriptor(crowded_ba
     forward = model.mask_head.forward
 
     def spy(descriptors, locations, strides, feature, stride, window=None, frozen=False):
-        calls.append(descriptors.shape[0])
+        calls.append((descriptors.shape[0], frozen))
         return forward(descriptors, locations, strides, feature, stride, window, frozen)
 
     model.mask_head.forward = spy
     losses = model(images, targets)
-    assert len(calls) == len(images) and all(n > 0 for n in calls)
+    # per image: the original descriptors, then the mined ones with the head frozen
+    # (mined_mask_trains_feature false, the default)
+    assert [frozen for _, frozen in calls] == [False, True] * len(images)
+    assert all(n > 0 for n, _ in calls)
     losses["loss_mask"].backward()
     assert model.mask_head.controller.weight.grad.abs().sum() > 0
     assert model.mask_head.project.weight.grad.abs().sum() > 0

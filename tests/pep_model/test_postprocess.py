@@ -416,3 +416,4 @@ def test_mask_iou_matches_hand_counts():
         [[1.0, 2 / 6, 0.0], [2 / 6, 1.0, 0.0], [0.0, 0.0, 1.0]]
     ))
     torch.testing.assert_close(mask_iou(masks, torch.tensor([4, 4, 1])), iou)
+    assert mask_iou(masks[:0]).shape == (0, 0)  # nothing left after the empty-mask filter
