@@ -41,10 +41,15 @@ def project_config(name: str) -> Path:
 
 def quiet_library_logs() -> None:
     """Keep only the warnings and errors of `CHATTY_LOGGERS` in this process, and no MLflow
-    artifact progress bars (what a job shows without --verbose)."""
+    artifact or Ray Data progress bars (what a job shows without --verbose). In a sweep's
+    trial or an ablation's run task, the datasets it executes itself draw their bars to
+    stderr, which Ray forwards to the job's console."""
+    import ray.data  # here, not at import: --help stays light
+
     for name in CHATTY_LOGGERS:
         logging.getLogger(name).setLevel(QUIET_LEVEL)
     os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    ray.data.DataContext.get_current().enable_progress_bars = False
 
 
 def add_verbose_flag(parser: argparse.ArgumentParser, what: str) -> None:

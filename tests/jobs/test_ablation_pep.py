@@ -202,8 +202,11 @@ def test_a_quiet_ablations_runs_keep_only_the_libraries_warnings(tiny_config, mo
 
     seen = {}
 
+    import ray.data
+
     def fake_train_and_evaluate(cfg, name, **kwargs):
-        seen.update(kwargs, levels={n: logging.getLogger(n).level for n in cli.CHATTY_LOGGERS})
+        seen.update(kwargs, levels={n: logging.getLogger(n).level for n in cli.CHATTY_LOGGERS},
+                    bars=ray.data.DataContext.get_current().enable_progress_bars)
         return SimpleNamespace(run_id="r", metrics={"segm/AP": 0.5}, train_seconds=1.0,
                                eval_seconds=1.0, eval_images=1)  # fmt: skip
 
@@ -212,14 +215,20 @@ def test_a_quiet_ablations_runs_keep_only_the_libraries_warnings(tiny_config, mo
     loggers = [logging.getLogger(name) for name in cli.CHATTY_LOGGERS]
     levels = [logger.level for logger in loggers]
     config = ablation.config_to_dict(tiny_config())
+    context = ray.data.DataContext.get_current()
+    bars = context.enable_progress_bars
+    context.enable_progress_bars = True  # as in a fresh process
     try:
         for logger in loggers:
             logger.setLevel(logging.NOTSET)
         ablation._run_variant._function(config, "r", {"quiet": False})
         assert seen["quiet"] is False and set(seen["levels"].values()) == {logging.NOTSET}
+        assert seen["bars"] is True
         ablation._run_variant._function(config, "r", {"quiet": True})
         assert seen["quiet"] is True and set(seen["levels"].values()) == {logging.WARNING}
+        assert seen["bars"] is False  # the run's own datasets draw no progress bars
     finally:
+        context.enable_progress_bars = bars
         for logger, level in zip(loggers, levels):
             logger.setLevel(level)
 
