@@ -639,7 +639,7 @@ def main(args: argparse.Namespace) -> None:
                     "metrics": metrics,
                     "train_s": train_s,
                     "budget_s": run_budget,
-                    "epochs": len(curve),
+                    "epochs": len(history),
                     "infer_ms": infer[-1],
                     "params_m": params,
                     "losses": history,

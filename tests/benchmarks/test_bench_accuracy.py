@@ -279,3 +279,21 @@ def test_budget_needs_seconds_or_mask_rcnn(bench):
         bench.main(
             bench.get_args_parser().parse_args(["--budget-s", "maskrcnn", "--models", "pep"])
         )
+
+
+def test_train_evaluates_every_nth_epoch_and_the_last(bench, tiny_shards, tiny_config):
+    from pep_model import build_model
+
+    cfg = tiny_config("train.epochs=3", "model.excavate=false", "model.purify=false")
+    rows = bench.read_rows(tiny_shards / "train", 4)
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    calls = []
+
+    def evaluate(m):
+        calls.append(1)
+        return {"segm/AP": 0.0}
+
+    _, history, curve = bench.train(model, rows, cfg, 1, evaluate=evaluate, eval_every=2)
+    assert len(history) == 3  # one loss record per epoch: the table's "epochs"
+    assert [point["epoch"] for point in curve] == [2, 3] and len(calls) == 2
