@@ -21,7 +21,12 @@ QUIET_WORKER_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 # warns that it did so. Ray reads RAY_AUTH_MODE when it is imported (set by `init_ray` it
 # comes too late), so the notice is filtered instead.
 TOKEN_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
-TOKEN_AUTH_NOTICE = "Token authentication is enabled for this Ray cluster."
+# Ray's notice at a local start with RAY_AUTH_MODE unset: "... is enabled for this Ray
+# cluster" (a token exists) or "... is disabled for this Ray cluster" (none does).
+TOKEN_AUTH_NOTICE = (
+    "Token authentication is enabled for this Ray cluster.",
+    "Token authentication is disabled for this Ray cluster.",
+)
 
 
 def _not_token_auth_notice(record: logging.LogRecord) -> bool:

@@ -71,7 +71,7 @@ def test_console_is_the_tables_without_rays_start_up_lines(tiny_config, tiny_sha
     cfg = tiny_config()
     checkpoint = tmp_path / "pep.pt"
     pep_model.save_checkpoint(checkpoint, pep_model.build_model(cfg.model), cfg)
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
     done = subprocess.run(
         [sys.executable, str(JOB), "--checkpoint", str(checkpoint), "--data",
          str(tiny_shards / "val"), "--use-gpu", "false", "--num-cpus-per-replica", "0.5"],
@@ -79,5 +79,5 @@ def test_console_is_the_tables_without_rays_start_up_lines(tiny_config, tiny_sha
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert "| segm |" in done.stdout
-    for line in ("Token authentication is enabled", "Started a local Ray instance"):
+    for line in ("Token authentication is", "Started a local Ray instance"):
         assert line not in done.stdout + done.stderr
