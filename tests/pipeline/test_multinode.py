@@ -74,7 +74,7 @@ def test_lost_node_restarts_workers_on_other_nodes_from_last_checkpoint(
 ):
     import ray
 
-    cfg = tiny_config("train.epochs=5", "train.max_failures=3")
+    cfg = tiny_config("train.epochs=6", "train.max_failures=3")
     run_dir = tmp_path / "spread"  # shared storage: all "nodes" run on this machine
     outcome: dict = {}
 
@@ -103,9 +103,13 @@ def test_lost_node_restarts_workers_on_other_nodes_from_last_checkpoint(
         # A spare node for the restarted worker group (add_node must run on the main thread).
         spare = cluster.add_node(num_cpus=NODE_CPUS)
 
-        # Once epoch 1's checkpoint is on storage, epoch 0's is registered with the controller.
-        first = run_dir / "checkpoint_epoch_0001" / CHECKPOINT_FILE
-        _wait_for(first.exists, thread, outcome, "epoch 1 checkpoint", 120)
+        # Once epoch 2's checkpoint is on storage, epoch 0's is registered with the controller:
+        # a worker's report queue holds one report (epoch 1's put waits until the controller's
+        # poll took epoch 0's), and rank 0 uploads epoch 2's only after every rank passed the
+        # report barrier of epoch 2. Epoch 1's file alone does not say so: epoch 0's report can
+        # still sit in the queue (CI saw a fresh start that way).
+        third = run_dir / "checkpoint_epoch_0002" / CHECKPOINT_FILE
+        _wait_for(third.exists, thread, outcome, "epoch 2 checkpoint", 180)
         assert thread.is_alive(), "training finished before the node could be removed"
         lost = by_prefix[before[0]]  # the node of rank 0, the worker that writes checkpoints
         cluster.remove_node(lost)
@@ -115,12 +119,12 @@ def test_lost_node_restarts_workers_on_other_nodes_from_last_checkpoint(
     assert "error" not in outcome, outcome.get("error")
 
     run = outcome["run"]
-    assert run.result.metrics["epoch"] == 4  # completed the configured epochs
+    assert run.result.metrics["epoch"] == 5  # completed the configured epochs
     # The restarted group loaded a registered checkpoint (-1 would be a fresh start). Epoch 1's
-    # may still be unregistered when the node goes (the controller collects reports when it
-    # polls the workers), so this is epoch 0's or epoch 1's.
+    # or 2's may still be unregistered when the node goes (the controller collects reports when
+    # it polls the workers), so this is epoch 0's or a later one.
     assert run.result.metrics["resumed_from"] >= 0
-    assert load_training_checkpoint(run.checkpoint_path)["epoch"] == 4
+    assert load_training_checkpoint(run.checkpoint_path)["epoch"] == 5
 
     # The restarted workers are on two different live nodes, neither of them the lost one.
     after = _worker_nodes(run_dir)
