@@ -32,6 +32,11 @@ DEFAULT_WEIGHT_RANGE = (0.25, 4.0)  # the sweep's log-uniform range of each weig
 # cache) drown a job's own lines.
 CHATTY_LOGGERS = ("ray.train", "ray.tune", "ray.data", "mlflow", "matplotlib")
 QUIET_LEVEL = "WARNING"
+# With its bars off, Ray Data warns once per process "Progress bars disabled. To enable, set
+# ...": in the driver and in every worker that executes a dataset (the training split's
+# SplitCoordinator, a sweep trial's or an ablation run's own datasets).
+PROGRESS_BAR_LOGGER = "ray.data._internal.progress"
+PROGRESS_BAR_NOTICE = "Progress bars disabled."
 
 
 def project_config(name: str) -> Path:
@@ -50,6 +55,20 @@ def quiet_library_logs() -> None:
         logging.getLogger(name).setLevel(QUIET_LEVEL)
     os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
     ray.data.DataContext.get_current().enable_progress_bars = False
+    hide_progress_bar_notice()
+
+
+def _not_progress_bar_notice(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith(PROGRESS_BAR_NOTICE)
+
+
+def hide_progress_bar_notice() -> None:
+    """Drop Ray Data's notice that its progress bars are off (which the quiet jobs did on
+    purpose) in this process. A quiet local Ray runs this in every worker process too (its
+    `worker_process_setup_hook`, `pipeline.cluster.init_ray`)."""
+    logger = logging.getLogger(PROGRESS_BAR_LOGGER)
+    if _not_progress_bar_notice not in logger.filters:
+        logger.addFilter(_not_progress_bar_notice)
 
 
 def add_verbose_flag(parser: argparse.ArgumentParser, what: str) -> None:

@@ -63,6 +63,7 @@ def init_ray(num_cpus: int | None = None, quiet: bool = False) -> bool:
         logging.getLogger(TOKEN_AUTH_LOGGER).addFilter(_not_token_auth_notice)
         runtime_env["env_vars"]["RAY_DATA_LOG_LEVEL"] = QUIET_LEVEL  # Ray Data in the workers
         runtime_env["env_vars"].update(QUIET_WORKER_ENV)
+        runtime_env["worker_process_setup_hook"] = "pipeline.cli.hide_progress_bar_notice"
         # Datasets carry the driver's DataContext: without Ray's distributed tqdm, a dataset
         # executed in a worker (the training split) logs its progress at INFO, hidden above.
         ray.data.DataContext.get_current().use_ray_tqdm = False

@@ -157,6 +157,7 @@ RAY_OWN_LINES = (
     "PreemptionWatcher",
     "TrainingReport(",
     "Checkpoint successfully created",
+    "Progress bars disabled",  # Ray Data's notice, in the driver and the SplitCoordinator
 )
 # Lines no run prints any more: our own use of Ray Data's "overwrite" write mode, Ray Train's
 # default ingest options (which pass the deprecated exclude_resources).
