@@ -96,8 +96,11 @@ def baseline_checkpoint(tmp_path_factory) -> Path:
 
 
 def _same_results(a: list[dict], b: list[dict]) -> bool:
-    """Equal up to float noise (~1e-8 in scores between batch sizes / thread counts): same
-    images, classes and boxes, scores within 1e-6, masks with IoU > 0.99, in any order."""
+    """Equal up to float noise: same images, classes and boxes, scores within 1e-5, masks
+    with IoU > 0.99, in any order. Batch sizes and thread counts change logits by ~1e-8; the
+    score decay (Matrix NMS / purifying's min(M, mask IoU)) reads binarised masks, where such
+    noise flips a pixel at 0.5 now and then: up to 3e-6 in a random-init model's scores (the
+    stride-2 masks of tiny.yaml, measured)."""
     if len(a) != len(b):
         return False
     unmatched = list(b)
@@ -106,7 +109,7 @@ def _same_results(a: list[dict], b: list[dict]) -> bool:
             if (
                 x["image_id"] == y["image_id"]
                 and x["category_id"] == y["category_id"]
-                and abs(x["score"] - y["score"]) < 1e-6
+                and abs(x["score"] - y["score"]) < 1e-5
                 and np.allclose(x["bbox"], y["bbox"], atol=1e-3)
                 and mask_utils.iou([x["segmentation"]], [y["segmentation"]], [0])[0][0] > 0.99
             ):
