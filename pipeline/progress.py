@@ -105,11 +105,14 @@ class EpochReporter:
                 logger.debug("progress poll failed: %s", e)
 
     def _eta(self, now: float) -> float:
-        """Remaining epochs times the mean epoch time seen by this process."""
+        """Remaining epochs times the mean time of the epochs this process saw end, less the
+        time the current epoch has run (never below the epochs after it)."""
         done_here = self._done - self._first_done
         if done_here <= 0:
             return float("nan")
-        return (self.epochs - self._done) * (now - self._started) / done_here
+        per_epoch = (self._epoch_started - self._started) / done_here
+        left = self.epochs - self._done
+        return max(left * per_epoch - (now - self._epoch_started), (left - 1) * per_epoch)
 
     def poll(self) -> None:
         """Log the epochs and validation results that appeared since the last poll."""
@@ -123,6 +126,7 @@ class EpochReporter:
             ]
             histories = tracking.metric_histories(self.client, self.run_id, keys + ["images_per_s"])
             by_step = {key: dict(points) for key, points in histories.items()}
+            self._epoch_started = self._last_line = now  # the next epoch starts (ETA's base)
             for step in new:
                 metrics = {key: points[step] for key, points in by_step.items() if step in points}
                 self._done = step + 1
@@ -130,7 +134,6 @@ class EpochReporter:
                 if val is not None:
                     self._val_step = max(self._val_step, val[0] - 1)
                 logger.info(epoch_line(step + 1, self.epochs, metrics, val, self._eta(now)))
-            self._epoch_started = self._last_line = now
         for step, value in vals:
             if step > self._val_step:
                 self._val_step = step

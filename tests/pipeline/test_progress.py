@@ -49,3 +49,16 @@ def test_a_sweep_prints_one_line_per_ended_trial_with_the_best_so_far(caplog):
         f"trial b stopped early after 2 epochs (2/3 ended); best so far: {OBJECTIVE} 0.250 (a)",
         f"trial c finished: {OBJECTIVE} 0.500 (3/3 ended); best so far: {OBJECTIVE} 0.500 (c)",
     ]
+
+
+def test_eta_inside_an_epoch_counts_down_from_the_epochs_seen(tmp_path):
+    # 10 epochs; the first ended 100 s after the start. The ETA inside epoch 2 is the 9 epochs
+    # left at 100 s each less the time epoch 2 has run, not (time so far) x 9: 870 s, not
+    # 1170 s, 30 s into epoch 2. An epoch that overruns leaves at least the epochs after it.
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_id = client.create_run(client.create_experiment("progress")).info.run_id
+    reporter = EpochReporter(client, run_id, epochs=10)
+    reporter._started, reporter._done, reporter._epoch_started = 0.0, 1, 100.0
+    assert reporter._eta(100.0) == 900.0  # at the end of epoch 1 (its line)
+    assert reporter._eta(130.0) == 870.0
+    assert reporter._eta(400.0) == 800.0  # epoch 2 overran: the 8 after it
