@@ -58,17 +58,30 @@ def quiet_library_logs() -> None:
     hide_progress_bar_notice()
 
 
-def _not_progress_bar_notice(record: logging.LogRecord) -> bool:
-    return not record.getMessage().startswith(PROGRESS_BAR_NOTICE)
+class _DropNotice(logging.Filter):
+    """Drops a logger's records whose message starts with one of `prefixes`."""
+
+    def __init__(self, prefixes: tuple[str, ...]):
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefixes)
+
+
+def hide_notice(logger_name: str, *prefixes: str) -> None:
+    """Drop a library's notice (records of `logger_name` starting with `prefixes`) in this
+    process; once per logger and prefixes however often it is called."""
+    logger = logging.getLogger(logger_name)
+    if not any(isinstance(f, _DropNotice) and f.prefixes == prefixes for f in logger.filters):
+        logger.addFilter(_DropNotice(prefixes))
 
 
 def hide_progress_bar_notice() -> None:
     """Drop Ray Data's notice that its progress bars are off (which the quiet jobs did on
     purpose) in this process. A quiet local Ray runs this in every worker process too (its
     `worker_process_setup_hook`, `pipeline.cluster.init_ray`)."""
-    logger = logging.getLogger(PROGRESS_BAR_LOGGER)
-    if _not_progress_bar_notice not in logger.filters:
-        logger.addFilter(_not_progress_bar_notice)
+    hide_notice(PROGRESS_BAR_LOGGER, PROGRESS_BAR_NOTICE)
 
 
 def add_verbose_flag(parser: argparse.ArgumentParser, what: str) -> None:

@@ -9,7 +9,7 @@ import socket
 
 import ray
 
-from pipeline.cli import QUIET_LEVEL, quiet_library_logs
+from pipeline.cli import QUIET_LEVEL, hide_notice, quiet_library_logs
 
 # Set for a quiet local instance's Ray processes (none when joining a cluster): the
 # preemption watcher, an actor Ray Train starts beside every worker group to react to nodes
@@ -27,10 +27,6 @@ TOKEN_AUTH_NOTICE = (
     "Token authentication is enabled for this Ray cluster.",
     "Token authentication is disabled for this Ray cluster.",
 )
-
-
-def _not_token_auth_notice(record: logging.LogRecord) -> bool:
-    return not record.getMessage().startswith(TOKEN_AUTH_NOTICE)
 
 
 def init_ray(num_cpus: int | None = None, quiet: bool = False) -> bool:
@@ -60,7 +56,7 @@ def init_ray(num_cpus: int | None = None, quiet: bool = False) -> bool:
     runtime_env = {"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}}
     if quiet:
         quiet_library_logs()
-        logging.getLogger(TOKEN_AUTH_LOGGER).addFilter(_not_token_auth_notice)
+        hide_notice(TOKEN_AUTH_LOGGER, *TOKEN_AUTH_NOTICE)
         runtime_env["env_vars"]["RAY_DATA_LOG_LEVEL"] = QUIET_LEVEL  # Ray Data in the workers
         runtime_env["env_vars"].update(QUIET_WORKER_ENV)
         runtime_env["worker_process_setup_hook"] = "pipeline.cli.hide_progress_bar_notice"

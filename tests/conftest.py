@@ -75,6 +75,14 @@ TINY_OVERRIDES = [
 
 
 @pytest.fixture(scope="session")
+def user_shell_env() -> dict[str, str]:
+    """This process's environment as a user's shell has it, for jobs run as subprocesses: no
+    RAY_ADDRESS, and no RAY_AUTH_MODE (a ray.init earlier in the test process sets it, which
+    silences Ray's token notice in the child)."""
+    return {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
+
+
+@pytest.fixture(scope="session")
 def tiny_overrides() -> list[str]:
     """TINY_OVERRIDES as a fixture, for tests that pass them to a job's --set."""
     return list(TINY_OVERRIDES)

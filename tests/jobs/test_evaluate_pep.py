@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -66,16 +65,17 @@ def test_unknown_mlflow_model_and_json_without_images_are_refused(tmp_path):
         job.resolve_shards(args, tmp_path / "x.pt")
 
 
-def test_console_is_the_tables_without_rays_start_up_lines(tiny_config, tiny_shards, tmp_path):
+def test_console_is_the_tables_without_rays_start_up_lines(
+    tiny_config, tiny_shards, user_shell_env, tmp_path
+):
     """In a fresh process (its own local Ray): the AP table, not Ray's notices."""
     cfg = tiny_config()
     checkpoint = tmp_path / "pep.pt"
     pep_model.save_checkpoint(checkpoint, pep_model.build_model(cfg.model), cfg)
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
     done = subprocess.run(
         [sys.executable, str(JOB), "--checkpoint", str(checkpoint), "--data",
          str(tiny_shards / "val"), "--use-gpu", "false", "--num-cpus-per-replica", "0.5"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path, env=user_shell_env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert "| segm |" in done.stdout

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -165,20 +164,17 @@ FIXED_LINES = ("SaveMode", "exclude_resources")
 
 
 @pytest.fixture(scope="module")
-def console(tiny_coco, tiny_overrides, tmp_path_factory):
+def console(tiny_coco, tiny_overrides, user_shell_env, tmp_path_factory):
     """Factory: the console (stdout + stderr) of `python jobs/train_pep.py` in a fresh process
     with its own local Ray: one epoch on the tiny COCO folder, from a folder of its own."""
 
     def run(*flags: str) -> str:
         work = tmp_path_factory.mktemp("console")
-        # as a user's shell: no RAY_ADDRESS, and no RAY_AUTH_MODE (a ray.init earlier in this
-        # test process sets it, which silences Ray's token notice in the child)
-        env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
         sets = [item for o in tiny_overrides + ["train.epochs=1"] for item in ("--set", o)]
         done = subprocess.run(
             [sys.executable, str(ROOT / "jobs" / "train_pep.py"), "--data", str(tiny_coco)]
             + sets + list(flags),
-            cwd=work, env=env, capture_output=True, text=True, timeout=600,
+            cwd=work, env=user_shell_env, capture_output=True, text=True, timeout=600,
         )  # fmt: skip
         assert done.returncode == 0, done.stderr[-3000:]
         return done.stdout + done.stderr
