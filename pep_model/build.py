@@ -36,10 +36,17 @@ def build_model(config: ModelConfig) -> PEP:
             f"({config.descriptor_dim}) with model.mask_head=linear: a descriptor is then a "
             "1x1 kernel over the mask feature B"
         )
-    if config.mask_window < 0 or (config.mask_window > 0 and config.mask_head != "dynamic"):
+    for name in ("mask_window", "mined_mask_window"):
+        side = getattr(config, name)
+        if side < 0 or (side > 0 and config.mask_head != "dynamic"):
+            raise ValueError(
+                f"model.{name} must be 0 (whole image) or a side in level strides with "
+                f"model.mask_head=dynamic, got {side} with {config.mask_head}"
+            )
+    if config.max_train_heat_maps < 0:
         raise ValueError(
-            f"model.mask_window must be 0 (whole image) or a side in level strides with "
-            f"model.mask_head=dynamic, got {config.mask_window} with {config.mask_head}"
+            f"model.max_train_heat_maps must be 0 (all original descriptors) or a positive "
+            f"count, got {config.max_train_heat_maps}"
         )
     if config.purify_merge not in PURIFY_MERGES:
         raise ValueError(

@@ -51,6 +51,10 @@ class ModelConfig:
     # strides (scale_ranges), so 24 leaves room around them; small objects' masks then cost
     # a window instead of the whole map, which pays for a finer mask_upsample.
     mask_window: int = 0
+    # The same for mined descriptors, in their original descriptor's level strides, around the
+    # key pixel (0 = the whole image). A mined descriptor carries its original's level, not
+    # its own object's: the window must also hold a neighbour larger than the original.
+    mined_mask_window: int = 0
     # Scale-based FPN level assignment (sqrt(area) in input pixels), one range per level P2..P6.
     # FPN levels the perceiving head runs on (2..6 = P2..P6). [3, 4, 5, 6] skips the stride-4
     # map, which carries ~3/4 of the head's pixels (the lean speed setting, see BENCHMARKS.md).
@@ -72,6 +76,9 @@ class ModelConfig:
     # Training-time bounds on descriptor counts (keep cost bounded in crowded images).
     max_train_descriptors: int = 256
     max_train_mined: int = 128
+    # Eq. 3's heat maps in training for at most this many of an image's original descriptors
+    # (a random subset; 0 = all of them): each map covers the whole image.
+    max_train_heat_maps: int = 0
     neighbour_expand: float = 0.5  # enlarge the original box by this fraction to find neighbours
     # Inference.
     score_threshold: float = 0.1  # final filter on the instances' scores

@@ -218,9 +218,9 @@ class PEP(nn.Module):
         Args:
             descriptors: N x D at N x 2 pixel locations, of N level strides.
             mask_input: the image's `mask_head.mask_input` of B, c x h x w.
-            num_windowed: only the first this many descriptors get windows (the original
-                ones: a mined descriptor carries its original's level, not its own object's,
-                so its mask takes the whole map); None: all.
+            num_windowed: the first this many descriptors are original ones and get
+                `mask_window` windows; the rest are mined and get `mined_mask_window` windows
+                (0: the whole map); None: all original.
             frozen: the mask head's own weights enter detached (see `mask_losses`).
         Returns:
             Groups of descriptors sharing a window size: (their indices into the N, their
@@ -232,18 +232,23 @@ class PEP(nn.Module):
         _, h, w = mask_input.shape
         n = descriptors.shape[0]
         windowed = n if num_windowed is None else num_windowed
-        if cfg.mask_window <= 0:
-            windowed = 0
         groups: list[tuple[Tensor, MaskWindow | None]] = []
-        for stride in loc_strides[:windowed].unique().tolist():
-            index = (loc_strides[:windowed] == stride).nonzero().squeeze(1)
-            side = math.ceil(cfg.mask_window * stride / cfg.mask_stride)
-            window = None if side >= max(h, w) else MaskWindow.around(
-                locations[index], side, h, w, cfg.mask_stride
-            )
-            groups.append((index, window))
-        if windowed < n or n == 0:
-            groups.append((torch.arange(windowed, n, device=descriptors.device), None))
+        for start, end, size in ((0, windowed, cfg.mask_window),
+                                 (windowed, n, cfg.mined_mask_window)):
+            if end <= start:
+                continue
+            if size <= 0:
+                groups.append((torch.arange(start, end, device=descriptors.device), None))
+                continue
+            for stride in loc_strides[start:end].unique().tolist():
+                index = start + (loc_strides[start:end] == stride).nonzero().squeeze(1)
+                side = math.ceil(size * stride / cfg.mask_stride)
+                window = None if side >= max(h, w) else MaskWindow.around(
+                    locations[index], side, h, w, cfg.mask_stride
+                )
+                groups.append((index, window))
+        if n == 0:
+            groups.append((torch.arange(0, device=descriptors.device), None))
         up = cfg.mask_upsample
         out = []
         for index, window in groups:
@@ -397,14 +402,22 @@ class PEP(nn.Module):
                 centre_maps = centre_regions(padded, boxes, centres, mh, mw, ms, cfg.center_radius)
                 centre_maps &= valid[:, None, None]
                 neighbours = neighbour_matrix(boxes, valid, cfg.neighbour_expand)  # M x M
+                generator = self._module_generator(device)
+                mapped = torch.arange(pos.numel(), device=device)
+                if 0 < cfg.max_train_heat_maps < pos.numel():
+                    mapped = torch.randperm(pos.numel(), device=device, generator=generator)[
+                        : cfg.max_train_heat_maps
+                    ]
                 heat = self.excavating.heat_maps(
-                    descriptors, locations, loc_strides, excavate_feature[b], ms
-                )  # N_ori x h x w
+                    descriptors[mapped], locations[mapped], loc_strides[mapped],
+                    excavate_feature[b], ms,
+                )  # N_heat x h x w
                 heat_preds.append(heat.flatten())
-                heat_gts.append(excavate_targets(instance_ids, neighbours, centre_maps).flatten())
+                heat_gts.append(
+                    excavate_targets(instance_ids[mapped], neighbours, centre_maps).flatten()
+                )
                 orig, target_ids, cells = sample_training_keys(
-                    instance_ids, neighbours, centre_maps, cfg.max_train_mined,
-                    self._module_generator(device),
+                    instance_ids, neighbours, centre_maps, cfg.max_train_mined, generator
                 )
                 key_positions = key_grid[cells]  # K x 2
                 local = desc_flat[b, cells_at(key_positions, loc_strides[orig], level_shapes,

@@ -179,6 +179,33 @@ def test_mined_masks_can_be_kept_from_training_the_general_feature(crowded_batch
 
 
 
+def test_heat_maps_train_on_a_random_subset_of_the_original_descriptors(crowded_batch):
+    images, targets = crowded_batch
+
+    def heat_map_rows(limit):
+        torch.manual_seed(0)
+        model = build_model(tiny_config(excavate=True, purify=False,
+                                        max_train_heat_maps=limit)).train()
+        rows, heat_maps = [], model.excavating.heat_maps
+
+        def counted(descriptors, *args):
+            rows.append(descriptors.shape[0])
+            return heat_maps(descriptors, *args)
+
+        model.excavating.heat_maps = counted
+        losses = model(images, targets)
+        losses["loss_excavate"].backward()
+        assert torch.isfinite(losses["loss_excavate"])
+        assert model.excavating.heat_params.weight.grad.abs().sum() > 0
+        return rows
+
+    every = heat_map_rows(0)  # one map per original descriptor
+    assert len(every) == len(images) and min(every) > 3
+    assert heat_map_rows(3) == [3] * len(images)
+    with pytest.raises(ValueError, match="max_train_heat_maps"):
+        build_model(tiny_config(max_train_heat_maps=-1))
+
+
 def test_mask_loss_norm_originals_keeps_the_originals_weight(crowded_batch):
     images, targets = crowded_batch
 
@@ -253,7 +280,8 @@ def test_isolated_modules_leave_the_shared_network_training_as_the_baselines(cro
     # which a long run amplifies like a change of seed)
     isolated = dict(purify_trains_descriptors=False, purify_train_candidates=16,
                     mined_mask_trains_feature=False, mask_loss_norm="originals",
-                    max_train_descriptors=8)  # the shared sub-sampling draws from the RNG
+                    max_train_descriptors=8,  # the shared sub-sampling draws from the RNG
+                    max_train_heat_maps=3)  # so does excavating's own, from its own RNG
     images, targets = crowded_batch
     trained = {}
     for excavate, purify in [(False, False), (True, True)]:

@@ -244,17 +244,35 @@ def test_windowed_masks_train_and_decode_and_only_the_dynamic_head_has_them(crow
         build_model(tiny_config(mask_head="linear", mask_window=6))
 
 
-def test_mined_descriptors_keep_the_whole_map_and_windows_train_under_autocast(crowded_batch):
+def test_mined_descriptors_get_their_own_window_and_windows_train_under_autocast(crowded_batch):
     images, targets = crowded_batch
     torch.manual_seed(0)
     model = build_model(tiny_config(mask_window=6))  # excavating on: mined descriptors too
     mask_input = model.mask_head.mask_input(torch.randn(1, 32, 24, 24))[0]
-    locations = torch.tensor([[40.0, 40.0], [40.0, 40.0]])
-    # the second is mined: its original's level says nothing of its own object's size
-    logits = model.masks(torch.randn(2, 32), locations, torch.full((2,), 4.0), mask_input,
+    locations = torch.tensor([[40.0, 40.0], [40.0, 40.0], [80.0, 20.0]])
+    descriptors = torch.randn(3, 32)
+    # the last two are mined: by default their masks take the whole map
+    logits = model.masks(descriptors, locations, torch.full((3,), 4.0), mask_input,
                          num_windowed=1)
-    assert (logits[0] == OUTSIDE_WINDOW_LOGIT).any()
-    assert not (logits[1] == OUTSIDE_WINDOW_LOGIT).any()
+    inside = logits != OUTSIDE_WINDOW_LOGIT
+    assert inside[0].sum() == 6 * 6
+    assert inside[1:].all()
+    # mined_mask_window: a window of that many of the original's level strides around the key
+    model.config.mined_mask_window = 10
+    windowed = model.masks(descriptors, locations, torch.full((3,), 4.0), mask_input,
+                           num_windowed=1)
+    inside = windowed != OUTSIDE_WINDOW_LOGIT
+    assert inside[0].sum() == 6 * 6 and inside[1].sum() == inside[2].sum() == 10 * 10
+    assert inside[2, 0:10, 14:24].all()  # around cell (5, 20), shifted inside the map
+    assert inside[1, 5:15, 5:15].all()  # around cell (10, 10)
+    assert torch.equal(windowed[0], logits[0])
+    assert torch.allclose(windowed[inside], logits[inside], atol=1e-5)  # same numbers inside
+    # the mined masks' loss trains inside their windows, with both windows on
+    model.train()
+    losses = model(images, targets)
+    assert torch.isfinite(losses["loss_mask"])
+    with pytest.raises(ValueError, match="mined_mask_window"):
+        build_model(tiny_config(mined_mask_window=-1))
     # GPU training runs under autocast (train.amp); bfloat16 on the CPU takes the same path
     for window in (0, 6):
         model = build_model(tiny_config(mask_window=window)).train()
