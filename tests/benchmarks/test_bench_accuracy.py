@@ -217,6 +217,8 @@ def test_save_dir_writes_pep_checkpoints_that_load_and_score_the_same(
 
 def test_budget_plans_whole_epochs_and_keeps_the_schedule_shape(bench):
     assert bench.budget_epochs(100.0, 24.0) == 4
+    assert bench.budget_epochs(400.0, 57.2) == 7  # 6.99 epochs fit: nearest, not floored
+    assert bench.budget_epochs(400.0, 62.0) == 6
     assert bench.budget_epochs(100.0, 140.0) == 1  # the epoch already done
     # a shape of lr x0.1 after 4 of 5 epochs (0.8) -> after 8 of 10, after 2 of 3
     assert bench.scaled_milestones([4], 5, 10) == [8]
