@@ -31,17 +31,16 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402
-from bench_accuracy import epoch_batches, read_rows  # noqa: E402
+from bench_accuracy import PEP_VARIANTS, epoch_batches, read_rows  # noqa: E402
 from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
 
 import pep_model.pep as pep_module  # noqa: E402
 from pep_model import build_model, load_config  # noqa: E402
 
+# The Table 2 variants as overrides, from bench_accuracy's switches.
 TABLE2 = {
-    "baseline": "model.excavate=false,model.purify=false",
-    "excavate": "model.excavate=true,model.purify=false",
-    "purify": "model.excavate=false,model.purify=true",
-    "pep": "model.excavate=true,model.purify=true",
+    name: ",".join(f"model.{key}={str(on).lower()}" for key, on in switches.items())
+    for name, (_, switches) in PEP_VARIANTS.items()
 }
 
 # Parts of `PEP.losses` timed with --parts: (owner, attribute) wrapped in record_function.
