@@ -30,8 +30,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument(
         "--checkpoint",
         required=True,
-        help="PEP checkpoint file (.pt), Ray Train checkpoint dir, or MLflow model URI "
-        "(models:/..., runs:/...)",
+        help="PEP checkpoint file (.pt) or Ray Train checkpoint dir (local or s3://...), or "
+        "MLflow model URI (models:/..., runs:/...)",
     )
     parser.add_argument(
         "--tracking-uri", default=None, help="MLflow tracking URI for models:/ and runs:/ URIs"

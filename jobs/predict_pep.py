@@ -32,7 +32,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "--model",
         required=True,
         metavar="SOURCE",
-        help="checkpoint file, Ray Train checkpoint dir, or MLflow URI (models:/..., runs:/...)",
+        help="checkpoint file or Ray Train checkpoint dir (local or s3://...), or MLflow URI "
+        "(models:/..., runs:/...)",
     )
     parser.add_argument(
         "--tracking-uri",

@@ -171,6 +171,9 @@ class TrainConfig:
     cpus_per_worker: int = 1
     use_gpu: str = "auto"  # auto | true | false
     max_failures: int = 2
+    # A step whose loss is not finite on any worker is skipped by every worker (counted in
+    # the epoch's `skipped_steps`); this many in a row stop the run with an error.
+    max_nonfinite_steps: int = 5
 
 
 @dataclass
@@ -182,6 +185,9 @@ class EvalConfig:
     score_thresholds: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.2, 0.3, 0.4, 0.5])
     batch_size: int = 4
     num_replicas: int = 1
+    # Validation beside training scores the first `val_images` val images only (0: all); the
+    # final evaluation always scores the whole val split.
+    val_images: int = 0
 
 
 @dataclass

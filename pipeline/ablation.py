@@ -31,7 +31,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pep_model import Config, config_from_dict, config_to_dict, save_config
 from pipeline import cli, cluster, evaluate, experiment, tracking
-from pipeline.inference import resolve_use_gpu
+from pipeline.devices import resolve_use_gpu
 from pipeline.train import RunExistsError, run_cpus, run_directory_exists
 
 logger = logging.getLogger(__name__)

@@ -29,6 +29,7 @@ from PIL import Image
 from pep_model import Config, config_to_dict, load_checkpoint, save_config
 from pipeline import cluster, evaluate, inference, progress, synth, tracking, visualize
 from pipeline.coco import CategoryMap, decode_rles
+from pipeline.devices import resolve_use_gpu
 from pipeline.prepare import PrepareConfig, prepare, read_manifest
 from pipeline.train import CHECKPOINT_FILE, VALIDATION_CPUS, run_cpus, run_training
 
@@ -139,22 +140,74 @@ def validate_checkpoint(
     max_dets: int,
     run_id: str | None = None,
     tracking_uri: str | None = None,
+    use_gpu: bool = False,
+    max_images: int = 0,
 ) -> dict[str, float]:
     """Ray Train validation function: segm/bbox AP of one checkpoint on the val split.
 
     Runs as a separate Ray task beside the training workers (Ray Train's ValidationConfig),
     so training does not wait for it; logs `val/...` metrics at the checkpoint's epoch.
+    `use_gpu`: the task was given a GPU (it asks for one when training runs on GPUs); else it
+    runs on its CPU on purpose. `max_images`: validate on the first that many val images.
+    A failure is recorded before it is re-raised (`record_validation_failure`).
     """
-    with checkpoint.as_directory() as ckpt_dir:
-        state = torch.load(Path(ckpt_dir) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
-        epoch = int(state["epoch"])
-        metrics = inference.evaluate_checkpoint_local(
-            Path(ckpt_dir) / CHECKPOINT_FILE, val_shards, val_annotations, max_dets=max_dets
-        )
+    epoch = checkpoint_epoch(checkpoint.path)
+    try:
+        with checkpoint.as_directory() as ckpt_dir:
+            path = Path(ckpt_dir) / CHECKPOINT_FILE
+            epoch = int(torch.load(path, map_location="cpu", weights_only=True)["epoch"])
+            metrics = inference.evaluate_checkpoint_local(
+                path,
+                val_shards,
+                val_annotations,
+                max_dets=max_dets,
+                use_gpu=use_gpu,
+                max_images=max_images or None,
+            )
+    except Exception as e:
+        record_validation_failure(run_id, tracking_uri, epoch, f"{type(e).__name__}: {e}")
+        raise
     scalars = validation_scalars(metrics, epoch)
     if run_id and tracking_uri:
         tracking.log_metrics_safely(run_id, scalars, step=epoch, tracking_uri=tracking_uri)
     return scalars
+
+
+VALIDATION_FAILED = progress.VAL_FAILED
+
+
+def checkpoint_epoch(path: str) -> int:
+    """The epoch (0-based) in a `checkpoint_epoch_0003`-style directory name, else -1."""
+    digits = Path(path).name.rpartition("_")[2]
+    return int(digits) if digits.isdigit() else -1
+
+
+def record_validation_failure(
+    run_id: str | None, tracking_uri: str | None, epoch: int, reason: str
+) -> None:
+    """Say that a validation failed: an error line, and on the MLflow run `val/failed` = 1 at
+    the epoch plus a `validation_failed.epoch_<i>` tag with the reason (epochs from 1), which
+    the driver's progress lines show."""
+    logger.error("validation of epoch %d failed: %s", epoch + 1, reason)
+    if not (run_id and tracking_uri):
+        return
+    tracking.log_metrics_safely(
+        run_id, {VALIDATION_FAILED: 1}, step=epoch, tracking_uri=tracking_uri
+    )
+    try:
+        mlflow.MlflowClient(tracking_uri).set_tag(
+            run_id, f"validation_failed.epoch_{epoch + 1}", reason[:4000]
+        )
+    except Exception as e:  # noqa: BLE001 - tracking must not hide the failure itself
+        logger.warning("could not tag MLflow run %s: %s", run_id, e)
+
+
+def expected_validation_epochs(cfg: Config, validate_last: bool) -> list[int]:
+    """The epochs (0-based) whose checkpoints a validation task scores."""
+    every = max(cfg.eval.every_epochs, 1)
+    last = cfg.train.epochs - 1
+    epochs = [e for e in range(cfg.train.epochs) if (e + 1) % every == 0 or e == last]
+    return [e for e in epochs if e != last or validate_last]
 
 
 def validation_scalars(metrics: dict[str, Any], epoch: int) -> dict[str, float]:
@@ -164,6 +217,35 @@ def validation_scalars(metrics: dict[str, Any], epoch: int) -> dict[str, float]:
     return scalars
 
 
+def validation_config(
+    cfg: Config, splits: DataSplits, gpu: bool, mlflow_run: tuple[str, str]
+) -> ray.train.v2.api.validation_config.ValidationConfig:
+    """Ray Train's validation beside training: `validate_checkpoint` as a task holding a GPU
+    of its own when training uses GPUs (`gpu`), else the CPU on purpose."""
+    run_id, tracking_uri = mlflow_run
+    return ray.train.v2.api.validation_config.ValidationConfig(
+        fn=validate_checkpoint,
+        task_config=ray.train.v2.api.validation_config.ValidationTaskConfig(
+            fn_kwargs={
+                "val_shards": splits.val_shards,
+                "val_annotations": splits.val_annotations,
+                "max_dets": cfg.eval.max_dets,
+                "run_id": run_id,
+                "tracking_uri": tracking_uri,
+                "use_gpu": gpu,
+                "max_images": cfg.eval.val_images,
+            }
+        ),
+        # "DEFAULT": outside any placement group; inside a Tune trial (whose placement group
+        # captures child tasks) the task would not fit the trial's bundle.
+        ray_remote_kwargs={
+            "num_cpus": VALIDATION_CPUS,
+            "num_gpus": 1 if gpu else 0,
+            "scheduling_strategy": "DEFAULT",
+        },
+    )
+
+
 def final_evaluation_validates(cfg: Config) -> bool:
     """True when the final evaluation of the last checkpoint gives exactly what a validation
     of it would: validation predicts at the model's `score_threshold`, the final evaluation at
@@ -171,7 +253,8 @@ def final_evaluation_validates(cfg: Config) -> bool:
     the last epoch needs no validation task; its `val/...` metrics come from the final
     evaluation."""
     thresholds = cfg.eval.score_thresholds
-    return not thresholds or min(thresholds) == cfg.model.score_threshold
+    same_threshold = not thresholds or min(thresholds) == cfg.model.score_threshold
+    return same_threshold and not cfg.eval.val_images  # validation on a subset differs
 
 
 # ----------------------------------------------------------------------------- experiment
@@ -191,6 +274,7 @@ class ExperimentSummary:
     eval_seconds: float = 0.0  # final distributed inference + COCOeval on the val split
     eval_images: int = 0
     model_uri: str | None = None
+    unvalidated_epochs: list[int] = field(default_factory=list)  # failed or missing, from 1
 
     def report(self) -> str:
         lines = [
@@ -209,6 +293,14 @@ class ExperimentSummary:
             f"MLflow run:  {self.run_id}",
             f"model:       {self.model_uri}",
             f"checkpoint:  {self.checkpoint}",
+        ]
+        if self.unvalidated_epochs:
+            lines.append(
+                "NOT VALIDATED: epoch(s) "
+                + ", ".join(str(e) for e in self.unvalidated_epochs)
+                + " (their validation failed; reasons in the log and the run's tags)"
+            )
+        lines += [
             f"took:        {self.seconds:.0f} s (training {self.train_seconds:.0f} s, "
             f"evaluation {self.eval_seconds:.0f} s)",
             f"look:        mlflow ui --backend-store-uri {ui}",
@@ -361,6 +453,13 @@ def train_and_evaluate(
             splits.categories.num_classes,
         )
         cfg.model.num_classes = splits.categories.num_classes
+    # Whether the stages ask Ray for GPUs; each task then picks the device it holds.
+    gpu = resolve_use_gpu(cfg.train.use_gpu if use_gpu is None else use_gpu)
+    logger.info(
+        "devices: training workers %s, validation %s",
+        "1 GPU each" if gpu else "CPU",
+        "on its own GPU" if gpu else "on CPU",
+    )
     storage_path = storage_path or str(work_dir / "runs")
     name = name or time.strftime("pep-%Y%m%d-%H%M%S")
     tracking_uri = tracking.resolve_tracking_uri(tracking_uri, default_dir=work_dir)
@@ -389,23 +488,9 @@ def train_and_evaluate(
             save_config(cfg, tmp / "config.yaml")
             mlflow.log_artifact(str(tmp / "config.yaml"))
 
-        validation = None
-        if validate:
-            validation = ray.train.v2.api.validation_config.ValidationConfig(
-                fn=validate_checkpoint,
-                task_config=ray.train.v2.api.validation_config.ValidationTaskConfig(
-                    fn_kwargs={
-                        "val_shards": splits.val_shards,
-                        "val_annotations": splits.val_annotations,
-                        "max_dets": cfg.eval.max_dets,
-                        "run_id": run_id,
-                        "tracking_uri": tracking_uri,
-                    }
-                ),
-                # "DEFAULT": outside any placement group; inside a Tune trial (whose placement
-                # group captures child tasks) the task would not fit the trial's bundle.
-                ray_remote_kwargs={"num_cpus": VALIDATION_CPUS, "scheduling_strategy": "DEFAULT"},
-            )
+        validation = (
+            validation_config(cfg, splits, gpu, (run_id, tracking_uri)) if validate else None
+        )
         validate_last = validation is not None and not final_evaluation_validates(cfg)
         train_start = time.perf_counter()
         reporter = progress.EpochReporter(
@@ -419,7 +504,7 @@ def train_and_evaluate(
                 name=name,
                 resume=resume,
                 num_workers=num_workers,
-                use_gpu=use_gpu,
+                use_gpu=gpu,
                 validation_config=validation,
                 mlflow_run=(run_id, tracking_uri),
                 callbacks=callbacks,
@@ -427,7 +512,12 @@ def train_and_evaluate(
                 validate_last=validate_last,
             )
         train_seconds = time.perf_counter() - train_start
-        checkpoint = str(Path(trained.checkpoint_path) / CHECKPOINT_FILE)
+        checkpoint = str(trained.local_checkpoint(work_dir / "checkpoints" / name))
+        unvalidated = unvalidated_epochs(
+            mlflow.MlflowClient(tracking_uri),
+            run_id,
+            expected_validation_epochs(cfg, validate_last) if validation is not None else [],
+        )
 
         eval_start = time.perf_counter()
         metrics, per_threshold = inference.evaluate_checkpoint(
@@ -438,7 +528,7 @@ def train_and_evaluate(
             score_thresholds=cfg.eval.score_thresholds,
             num_replicas=cfg.eval.num_replicas,
             batch_size=cfg.eval.batch_size,
-            use_gpu=use_gpu if use_gpu is not None else cfg.train.use_gpu,
+            use_gpu=gpu,
             in_process_max_images=eval_in_process_max_images,
         )
         eval_seconds = time.perf_counter() - eval_start
@@ -478,7 +568,7 @@ def train_and_evaluate(
                             str(t): evaluate.scalar_metrics(m) for t, m in per_threshold.items()
                         },
                         "params": metrics.get("params"),
-                        "checkpoint": checkpoint,
+                        "checkpoint": trained.checkpoint_path,
                     },
                     indent=1,
                 )
@@ -514,7 +604,8 @@ def train_and_evaluate(
     return ExperimentSummary(
         run_id=run_id,
         tracking_uri=tracking_uri,
-        checkpoint=checkpoint,
+        checkpoint=trained.checkpoint_path,
+        unvalidated_epochs=unvalidated,
         metrics=metrics,
         thresholds=per_threshold,
         seconds=time.perf_counter() - start,
@@ -523,6 +614,21 @@ def train_and_evaluate(
         eval_images=eval_images,
         model_uri=model_uri,
     )
+
+
+def unvalidated_epochs(client: mlflow.MlflowClient, run_id: str, expected: list[int]) -> list[int]:
+    """The expected validation epochs (0-based) with no `val/segm/AP` logged, from 1; each is
+    logged as a warning and recorded in the run's `validation_missing` tag."""
+    logged = {
+        step
+        for step, _ in tracking.metric_histories(client, run_id, [progress.VAL_AP])[progress.VAL_AP]
+    }
+    missing = [e + 1 for e in expected if e not in logged]
+    if missing:
+        text = ",".join(str(e) for e in missing)
+        logger.warning("no validation result for epoch(s) %s", text)
+        client.set_tag(run_id, "validation_missing", text)
+    return missing
 
 
 def _find_run(experiment_name: str, name: str):

@@ -42,6 +42,7 @@ from PIL import Image
 import pep_model
 from pep_model import Config, ModelConfig
 from pipeline.coco import CategoryMap
+from pipeline.devices import holds_gpu, local_device, resolve_use_gpu
 from pipeline.evaluate import (
     COCO_MAX_DETS,
     coco_from_annotations,
@@ -67,22 +68,6 @@ class InferenceError(RuntimeError):
 
 
 # ------------------------------------------------------------------------------- model
-
-
-def resolve_use_gpu(use_gpu: bool | str | None) -> bool:
-    """`auto` (or None): GPUs when the Ray cluster (or, without Ray, this machine) has one."""
-    if isinstance(use_gpu, bool):
-        return use_gpu
-    value = str(use_gpu or "auto").lower()
-    if value in ("true", "1", "yes"):
-        return True
-    if value in ("false", "0", "no"):
-        return False
-    if value != "auto":
-        raise ValueError(f"use_gpu: expected auto|true|false, got {use_gpu!r}")
-    if ray.is_initialized():
-        return ray.cluster_resources().get("GPU", 0) > 0
-    return torch.cuda.is_available()
 
 
 def _payload_model(payload: Mapping[str, Any], config: Config | ModelConfig | None, where: str):
@@ -220,7 +205,7 @@ class PEPPredictor:
         max_instances: int | None = None,
         use_gpu: bool = False,
     ) -> None:
-        self.device = torch.device("cuda" if use_gpu else "cpu")
+        self.device = local_device(use_gpu, "inference replica")
         self.model, self.config = load_model(checkpoint, config, self.device)
         _set_inference_params(self.model, score_threshold, max_instances)
         self.to_coco = as_coco_map(contiguous_to_coco)
@@ -435,7 +420,8 @@ def evaluate_checkpoint(
     """
     images = read_manifest(shards_dir).get("counts", {}).get("images_written")
     if images is not None and images <= in_process_max_images:
-        gpu = resolve_use_gpu(use_gpu) and torch.cuda.is_available()
+        # the driver (a CPU head node on a cluster) uses its own GPU only if it has one
+        gpu = resolve_use_gpu(use_gpu) and holds_gpu()
         metrics = evaluate_checkpoint_local(
             checkpoint,
             shards_dir,
@@ -469,11 +455,20 @@ def evaluate_checkpoint(
     return _score(gt_path, results, image_ids, max_dets, score_thresholds, backend, results_path)
 
 
-def _local_rows(shards_dir: str | os.PathLike, batch_size: int) -> Iterator[dict[str, list]]:
+def _local_rows(
+    shards_dir: str | os.PathLike, batch_size: int, max_images: int | None = None
+) -> Iterator[dict[str, list]]:
+    """Shard rows in batches, in shard order; only the first `max_images` when given."""
+    left = max_images if max_images else None
     for path in shard_files(shards_dir):
         parquet = pq.ParquetFile(path)
         for record_batch in parquet.iter_batches(batch_size=batch_size, columns=INFERENCE_COLUMNS):
+            if left is not None:
+                record_batch = record_batch.slice(0, left)
+                left -= record_batch.num_rows
             yield record_batch.to_pydict()
+            if left is not None and left <= 0:
+                return
 
 
 def evaluate_checkpoint_local(
@@ -489,13 +484,16 @@ def evaluate_checkpoint_local(
     max_instances: int | None = None,
     backend: str = "auto",
     results_path: str | os.PathLike | None = None,
+    max_images: int | None = None,
 ) -> dict[str, Any]:
     """`evaluate_checkpoint` in this process (no Ray Data): for a task already inside Ray.
 
+    The device is this process's (`pipeline.devices.local_device`). `max_images`: only the
+    first that many images of the shards (a fixed subset), scored over those images.
     Returns the metrics, with the per-threshold ones under `thresholds` when requested.
     """
     to_coco, gt_path, _ = _shards_setup(shards_dir, gt_annotations)
-    device = torch.device("cuda" if resolve_use_gpu(use_gpu) else "cpu")
+    device = local_device(use_gpu, "evaluation")
     model, config = load_model(checkpoint, device=device)
     _check_classes(config.model, to_coco)
     score_threshold, cap = _prediction_settings(
@@ -505,15 +503,15 @@ def evaluate_checkpoint_local(
     start = time.perf_counter()
     per_image = (
         item
-        for rows in _local_rows(shards_dir, batch_size)
+        for rows in _local_rows(shards_dir, batch_size, max_images)
         for item in predict_rows(model, rows, to_coco, device)
     )
     results, image_ids = _gather(per_image)
     logger.info(
-        "Predicted %d instances on %d images in this process%s in %.1f s",
+        "Predicted %d instances on %d images in this process (%s) in %.1f s",
         len(results),
         len(image_ids),
-        " (GPU)" if device.type == "cuda" else "",
+        device.type,
         time.perf_counter() - start,
     )
     metrics, per_threshold = _score(

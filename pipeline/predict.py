@@ -4,11 +4,13 @@
     records = predict_images(["photos/"], checkpoint, score_threshold=0.3, max_instances=100,
                              out_dir="predictions", categories=categories)
 
-A model source is a checkpoint file, a Ray Train checkpoint directory (holding
-`checkpoint.pt`), a local MLflow model directory, or an MLflow model URI (`models:/m-<id>`,
-`models:/pep@champion`, `models:/pep/3`, `runs:/<run_id>/model`). MLflow models are the
-pyfunc models of `pipeline.tracking.log_pep_model`: their `checkpoint` and `categories`
-artifacts are stored under `artifacts/` in the model directory and named in its `MLmodel`.
+A model source is a checkpoint file or a Ray Train checkpoint directory (holding
+`checkpoint.pt`), local or on cloud storage (`s3://...`, read with pyarrow, which takes the
+endpoint from `AWS_ENDPOINT_URL`), a local MLflow model directory, or an MLflow model URI
+(`models:/m-<id>`, `models:/pep@champion`, `models:/pep/3`, `runs:/<run_id>/model`). MLflow
+models are the pyfunc models of `pipeline.tracking.log_pep_model`: their `checkpoint` and
+`categories` artifacts are stored under `artifacts/` in the model directory and named in its
+`MLmodel`.
 
 Each image is resized as `prepare` resizes training images (longer side at most the
 checkpoint's `data.max_size`, never upscaled); masks and boxes come back at the image's
@@ -21,19 +23,21 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 import yaml
 from PIL import Image
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from pipeline import storage
 from pipeline.coco import CategoryMap, decode_rles, to_rgb
-from pipeline.inference import Checkpoint, InferenceError, load_model, resolve_use_gpu
+from pipeline.devices import DeviceError, local_device
+from pipeline.inference import Checkpoint, InferenceError, load_model
 from pipeline.single_image import predict_image
 from pipeline.train import CHECKPOINT_FILE
 from pipeline.visualize import draw_overlay
@@ -43,7 +47,8 @@ logger = logging.getLogger(__name__)
 MLFLOW_URI_PREFIXES = ("models:/", "runs:/", "mlflow-artifacts:/")
 DEFAULT_STORE = Path("work") / "mlflow.db"  # where jobs/train_pep.py logs by default
 SOURCE_FORMS = (
-    "a checkpoint file (.pt), a Ray Train checkpoint directory (with checkpoint.pt), an MLflow "
+    "a checkpoint file (.pt) or a Ray Train checkpoint directory (with checkpoint.pt), local or "
+    "a URI (s3://...), an MLflow "
     "model directory, or an MLflow model URI (models:/m-<id>, models:/<name>@<alias>, "
     "models:/<name>/<version>, runs:/<run_id>/model)"
 )
@@ -75,6 +80,12 @@ def resolve_model_source(
     """
     if is_mlflow_uri(source):
         local = _download(str(source), tracking_uri, dst_dir)
+        return _local_source(local, str(source))
+    if storage.is_uri(source):  # s3://..., gs://...: a checkpoint file or directory
+        try:
+            local = storage.fetch_checkpoint(str(source), dst_dir or tempfile.mkdtemp())
+        except storage.StorageError as e:
+            raise ModelSourceError(f"{e} (expected {SOURCE_FORMS})") from e
         return _local_source(local, str(source))
     path = Path(source)
     if not path.exists():
@@ -341,10 +352,11 @@ def predict_images(
     files = expand_inputs(paths)
     if not files:
         raise InferenceError(f"no image files in {paths}")
-    gpu = resolve_use_gpu(use_gpu)
-    if gpu and not torch.cuda.is_available():
-        raise InferenceError("use_gpu is true but torch sees no CUDA device here")
-    device = torch.device("cuda" if gpu else "cpu")
+    try:
+        device = local_device(use_gpu, "prediction")
+    except DeviceError as e:
+        raise InferenceError(str(e)) from e
+    logger.info("predicting %d image(s) on %s", len(files), device.type)
     model, config = load_model(checkpoint, device=device)
     params = {}
     if score_threshold is not None:

@@ -25,6 +25,7 @@ from pipeline import tracking
 logger = logging.getLogger(__name__)
 
 VAL_AP = "val/segm/AP"
+VAL_FAILED = "val/failed"  # 1 at each epoch whose validation task failed
 
 
 def _duration(seconds: float) -> str:
@@ -50,6 +51,8 @@ def epoch_line(
     parts = [f"epoch {epoch}/{epochs}", f"loss {metrics.get('loss', float('nan')):.2f} ({terms})"]
     if "images_per_s" in metrics:
         parts.append(f"{metrics['images_per_s']:.1f} img/s")
+    if metrics.get("skipped_steps"):
+        parts.append(f"{metrics['skipped_steps']:.0f} steps skipped (non-finite loss)")
     if val is not None:
         parts.append(f"val segm AP {val[1]:.3f} @{val[0]}")
     parts.append(f"ETA {_duration(eta)}" if epoch < epochs else "done")
@@ -81,6 +84,7 @@ class EpochReporter:
         self._thread = threading.Thread(target=self._loop, name="epoch-reporter", daemon=True)
         self._done = self._first_done = 0  # epochs reported (earlier attempts included)
         self._val_step = -1  # last validation shown
+        self._failed_shown: set[int] = set()  # epochs whose failed validation was shown
         self._started = self._epoch_started = self._last_line = 0.0
 
     def __enter__(self) -> EpochReporter:
@@ -93,6 +97,17 @@ class EpochReporter:
         self._stop.set()
         self._thread.join()
         self.poll()  # the last epoch and validation, logged just before fit() returned
+
+    def _report_failed_validations(self) -> None:
+        """A warning per validation that failed (`val/failed` at its epoch), with its reason."""
+        failed = [step for step, _ in self._history(VAL_FAILED) if step not in self._failed_shown]
+        if not failed:
+            return
+        tags = self.client.get_run(self.run_id).data.tags
+        for step in failed:
+            self._failed_shown.add(step)
+            reason = tags.get(f"validation_failed.epoch_{step + 1}", "reason not recorded")
+            logger.warning("validation after epoch %d/%d FAILED: %s", step + 1, self.epochs, reason)
 
     def _history(self, key: str) -> list[tuple[int, float]]:
         return tracking.metric_histories(self.client, self.run_id, [key])[key]
@@ -124,7 +139,9 @@ class EpochReporter:
             keys = [
                 k for k in self.client.get_run(self.run_id).data.metrics if k.startswith("loss")
             ]
-            histories = tracking.metric_histories(self.client, self.run_id, keys + ["images_per_s"])
+            histories = tracking.metric_histories(
+                self.client, self.run_id, keys + ["images_per_s", "skipped_steps"]
+            )
             by_step = {key: dict(points) for key, points in histories.items()}
             self._epoch_started = self._last_line = now  # the next epoch starts (ETA's base)
             for step in new:
@@ -140,6 +157,7 @@ class EpochReporter:
                 logger.info(
                     "validation after epoch %d/%d: segm AP %.3f", step + 1, self.epochs, value
                 )
+        self._report_failed_validations()
         if now - self._last_line >= self.heartbeat_s and self._done < self.epochs:
             eta = self._eta(now)
             logger.info(

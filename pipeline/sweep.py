@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-import pyarrow.fs
 import ray
 import ray.tune
 from ray.tune.integration.ray_train import TuneReportCallback
@@ -33,9 +32,9 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from pep_model import Config, config_from_dict, config_to_dict, save_config
-from pipeline import cli, cluster, experiment, tracking
+from pipeline import cli, cluster, experiment, storage, tracking
 from pipeline.cli import DEFAULT_WEIGHT_RANGE, LOSS_WEIGHTS
-from pipeline.inference import resolve_use_gpu
+from pipeline.devices import resolve_use_gpu
 from pipeline.train import run_cpus, run_directory_exists
 
 logger = logging.getLogger(__name__)
@@ -146,12 +145,6 @@ class SweepSummary:
 # ----------------------------------------------------------------------------- storage
 
 
-def _storage_fs(storage_path: str) -> tuple[pyarrow.fs.FileSystem, str]:
-    if "://" in storage_path:
-        return pyarrow.fs.FileSystem.from_uri(storage_path)
-    return pyarrow.fs.LocalFileSystem(), os.path.abspath(storage_path)
-
-
 def absolute_storage(storage_path: str) -> str:
     """Absolute local path (Tune trials run in other directories) or the URI unchanged."""
     return storage_path if "://" in storage_path else str(Path(storage_path).resolve())
@@ -159,7 +152,7 @@ def absolute_storage(storage_path: str) -> str:
 
 def write_spec(spec: SweepSpec) -> None:
     """Save the spec as `storage_path/name/sweep_spec.json`."""
-    fs, root = _storage_fs(spec.experiment_path)
+    fs, root = storage.filesystem(spec.experiment_path)
     fs.create_dir(root, recursive=True)
     with fs.open_output_stream(f"{root}/{SPEC_FILE}") as f:
         f.write(json.dumps(asdict(spec), indent=1).encode())
@@ -167,7 +160,7 @@ def write_spec(spec: SweepSpec) -> None:
 
 def read_spec(experiment_path: str) -> SweepSpec:
     """The spec a sweep was started with (for --resume)."""
-    fs, root = _storage_fs(experiment_path)
+    fs, root = storage.filesystem(experiment_path)
     try:
         with fs.open_input_stream(f"{root}/{SPEC_FILE}") as f:
             values = json.loads(f.read().decode())

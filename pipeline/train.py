@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import tempfile
 import time
 import uuid
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,8 +29,8 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from pep_model import Config, build_model, config_from_dict, config_to_dict
-from pipeline import reader
-from pipeline.inference import resolve_use_gpu
+from pipeline import reader, storage
+from pipeline.devices import resolve_use_gpu
 from pipeline.prepare import read_manifest
 from pipeline.tracking import log_metrics_safely
 
@@ -104,15 +102,9 @@ def load_training_checkpoint(directory: str | Path) -> dict[str, Any]:
     return torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
 
 
-def _storage_fs(storage_path: str) -> tuple[pyarrow.fs.FileSystem, str]:
-    if "://" in storage_path:
-        return pyarrow.fs.FileSystem.from_uri(storage_path)
-    return pyarrow.fs.LocalFileSystem(), os.path.abspath(storage_path)
-
-
 def write_storage_probe(storage_path: str, name: str) -> str:
     """Driver side: write a probe file under the run directory; returns its token."""
-    fs, root = _storage_fs(storage_path)
+    fs, root = storage.filesystem(storage_path)
     token = uuid.uuid4().hex
     probe_dir = f"{root}/{name}/{PROBE_DIR}"
     fs.create_dir(probe_dir, recursive=True)
@@ -127,7 +119,7 @@ def check_storage_probe(storage_path: str, name: str, token: str, rank: int) -> 
     A node-local `storage_path` on a multi-node cluster fails here at once, instead of at
     the first checkpoint upload.
     """
-    fs, root = _storage_fs(storage_path)
+    fs, root = storage.filesystem(storage_path)
     probe_dir = f"{root}/{name}/{PROBE_DIR}"
     node = ray.get_runtime_context().get_node_id()[:12]
     try:
@@ -153,7 +145,7 @@ def check_storage_probe(storage_path: str, name: str, token: str, rank: int) -> 
 
 def run_directory_exists(storage_path: str, name: str) -> bool:
     """True when `storage_path/name` already holds something (a previous run)."""
-    fs, root = _storage_fs(storage_path)
+    fs, root = storage.filesystem(storage_path)
     info = fs.get_file_info(f"{root}/{name}")
     if info.type == pyarrow.fs.FileType.NotFound:
         return False
@@ -187,6 +179,19 @@ def _to_device(images: list, targets: list, device: torch.device) -> tuple[list,
 # ----------------------------------------------------------------------------- worker
 
 
+def all_ranks_finite(loss: torch.Tensor) -> bool:
+    """True when the loss is finite on every worker (one all-reduce of a flag under DDP), so
+    that all workers take or skip a step together and none waits alone in DDP's all-reduce."""
+    finite = torch.isfinite(loss.detach()).to(torch.float32)
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+    return bool(finite.item())
+
+
+class NonFiniteLossError(FloatingPointError):
+    """`train.max_nonfinite_steps` steps in a row had a non-finite loss on some worker."""
+
+
 def train_one_epoch(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -198,14 +203,17 @@ def train_one_epoch(
 ) -> dict[str, float]:
     """One pass over this worker's shard; returns mean loss terms, lr and images/s.
 
+    A step whose loss is not finite on any worker is skipped by all of them (`skipped_steps`);
+    `train.max_nonfinite_steps` in a row raise NonFiniteLossError on every worker. The loss
+    terms are summed on the device and read once, at the end of the epoch.
     `data_wait_s` is the time spent waiting for the next batch (reading, decoding and
     collating upstream): when it is a large share of `epoch_time_s`, training is input-bound.
     `cpu_cores` is this process's CPU time over the epoch's wall time: how many cores the
     worker kept busy (below its torch threads when other processes take the cores).
     """
     model.train()
-    sums: dict[str, float] = defaultdict(float)
-    steps = images_seen = 0
+    sums: dict[str, torch.Tensor] = {}
+    steps = images_seen = skipped = in_a_row = 0
     data_wait = 0.0
     use_amp = cfg.train.amp and device.type == "cuda"
     cpu_start = time.process_time()
@@ -216,12 +224,22 @@ def train_one_epoch(
         with torch.autocast(device_type=device.type, enabled=use_amp):
             losses = model(images, targets)
         loss = sum(losses.values())
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"non-finite loss {loss.item()} at step {steps}: "
-                + ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
-            )
         optimizer.zero_grad(set_to_none=True)
+        if not all_ranks_finite(loss):
+            skipped += 1
+            in_a_row += 1
+            terms = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
+            logger.warning("step %d skipped: non-finite loss on a worker (here: %s)", steps, terms)
+            if in_a_row >= max(cfg.train.max_nonfinite_steps, 1):
+                raise NonFiniteLossError(
+                    f"{in_a_row} steps in a row with a non-finite loss on some worker "
+                    f"(train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}); this "
+                    f"worker's last terms: {terms}. Lower train.lr or check the data."
+                )
+            scheduler.step()
+            wait_start = time.perf_counter()
+            continue
+        in_a_row = 0
         scaler.scale(loss).backward()
         if cfg.train.grad_clip > 0:
             scaler.unscale_(optimizer)
@@ -231,24 +249,57 @@ def train_one_epoch(
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
-        for key, value in losses.items():
-            sums[key] += value.item()
-        sums["loss"] += loss.item()
+        for key, value in {**losses, "loss": loss}.items():
+            value = value.detach().float()
+            sums[key] = sums[key] + value if key in sums else value
         steps += 1
         images_seen += len(images)
         wait_start = time.perf_counter()
     elapsed = time.perf_counter() - start
     cpu = time.process_time() - cpu_start
-    metrics = {key: value / max(steps, 1) for key, value in sums.items()}
+    metrics = {key: value.item() / max(steps, 1) for key, value in sums.items()}
     metrics.update(
         lr=optimizer.param_groups[0]["lr"],
         images_per_s=images_seen / max(elapsed, 1e-9),
         steps=steps,
+        skipped_steps=skipped,
         epoch_time_s=elapsed,
         data_wait_s=data_wait,
         cpu_cores=cpu / max(elapsed, 1e-9),
     )
     return metrics
+
+
+def restore_scaler(scaler: torch.amp.GradScaler, state: dict[str, Any] | None) -> None:
+    """Load a GradScaler state, unless the checkpoint's scaler was disabled (an empty state:
+    saved on CPU or without AMP); an enabled scaler then starts from its defaults."""
+    if state:
+        scaler.load_state_dict(state)
+    elif scaler.is_enabled():
+        logger.info("the checkpoint has no AMP scaler state: the scaler starts afresh")
+
+
+def prepare_norm_layers(
+    model: torch.nn.Module, cfg: Config, world_size: int, device: torch.device
+) -> torch.nn.Module:
+    """`model.norm: bn` over several GPU workers: SyncBatchNorm, so that the batch statistics
+    (and the running ones) are those of the global batch, as one worker would compute them.
+
+    PyTorch's SyncBatchNorm runs on GPUs only: CPU workers keep BatchNorm, with a warning
+    (each normalises its own batch, and DDP copies rank 0's running statistics to all).
+    """
+    if cfg.model.norm != "bn" or world_size <= 1:
+        return model
+    if device.type != "cuda":
+        logger.warning(
+            "model.norm=bn with %d CPU workers: SyncBatchNorm needs GPUs, so each worker "
+            "normalises its own batch and DDP keeps rank 0's running statistics; "
+            "model.norm=gn (or frozen_bn) trains the same on any number of workers",
+            world_size,
+        )
+        return model
+    logger.info("model.norm=bn with %d workers: BatchNorm layers -> SyncBatchNorm", world_size)
+    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
 
 def _quiet_report_log() -> None:
@@ -291,7 +342,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     shard = ray.train.get_dataset_shard("train")
     device = ray.train.torch.get_device()
-    model = build_model(cfg.model)
+    model = prepare_norm_layers(build_model(cfg.model), cfg, context.get_world_size(), device)
     model = ray.train.torch.prepare_model(
         model, parallel_strategy_kwargs={"find_unused_parameters": True}
     )
@@ -307,7 +358,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         _unwrap(model).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
+        restore_scaler(scaler, state.get("scaler"))
         start_epoch = state["epoch"] + 1
         logger.info("rank %d resumed from the checkpoint of epoch %d", rank, state["epoch"])
 
@@ -357,8 +408,15 @@ class TrainingRun:
     """What `run_training` returns: Ray's result plus where things are."""
 
     result: ray.train.Result
-    checkpoint_path: str  # local path (or URI) of the last checkpoint directory
+    checkpoint_path: str  # the last checkpoint directory: a local path or a URI (s3://...)
     run_path: str
+
+    def local_checkpoint(self, dst_dir: str | Path) -> Path:
+        """The last checkpoint's `checkpoint.pt` on this machine: in place when the storage is
+        local, else downloaded into `dst_dir`."""
+        if not storage.is_uri(self.checkpoint_path):
+            return Path(self.checkpoint_path) / CHECKPOINT_FILE
+        return storage.fetch_checkpoint(self.checkpoint_path, dst_dir)
 
 
 def run_training(
@@ -454,4 +512,9 @@ def run_training(
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"training run {name!r} finished without a checkpoint")
-    return TrainingRun(result=result, checkpoint_path=result.checkpoint.path, run_path=result.path)
+    fs = result.checkpoint.filesystem
+    return TrainingRun(
+        result=result,
+        checkpoint_path=storage.uri(fs, result.checkpoint.path),
+        run_path=storage.uri(fs, result.path),
+    )

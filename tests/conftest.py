@@ -52,6 +52,27 @@ def ray_session(local_ray):
     return local_ray()
 
 
+@pytest.fixture(scope="module")
+def gpu_head_ray(local_ray):
+    """A local Ray that declares one GPU this machine lacks: a GPU cluster as its CPU head
+    sees it. The scheduler places GPU work as on such a cluster, and CUDA stays absent, so a
+    task that wrongly takes the cluster's GPUs for its own fails as it would on the head.
+    The session's plain local Ray is back for the next module."""
+    import ray
+
+    ray.shutdown()
+    ray.init(
+        address="local",
+        num_cpus=TEST_RAY_CPUS,
+        num_gpus=1,
+        include_dashboard=False,
+        log_to_driver=False,
+    )
+    yield ray
+    ray.shutdown()
+    local_ray()
+
+
 TINY_OVERRIDES = [
     # A very small PEP and budget for tests that train through Ray Train.
     "model.fpn_channels=32",

@@ -27,12 +27,16 @@ def _sets(overrides: list[str]) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def finished_job(ray_session, tiny_coco, tiny_overrides, tmp_path_factory):
-    """One real run of the job on the tiny generated COCO folder (prepared on the fly)."""
+def finished_job(gpu_head_ray, tiny_coco, tiny_overrides, tmp_path_factory):
+    """One real run of the job on the tiny generated COCO folder (prepared on the fly), on a
+    Ray that declares a GPU this machine lacks, with `--use-gpu false`: every stage must then
+    run on the CPU, validation beside training included (it took the cluster's GPU for its own
+    and failed, silently, before)."""
     work = tmp_path_factory.mktemp("job")
     uri = f"sqlite:///{work / 'mlflow.db'}"
     args = train_pep.get_args_parser().parse_args(
         ["--data", str(tiny_coco), "--work-dir", str(work), "--tracking-uri", uri, "--name", "job"]
+        + ["--use-gpu", "false"]
         + _sets(tiny_overrides)
     )
     assert train_pep.main(args) == 0
@@ -57,6 +61,7 @@ def test_run_records_config_metrics_tags_and_artifacts(finished_job):
     # the last once, from the final evaluation of the same checkpoint (same numbers, no task)
     val = client.get_metric_history(run.info.run_id, "val/segm/AP")
     assert sorted(m.step for m in val) == [1, 2]
+    assert "validation_missing" not in run.data.tags and "val/failed" not in run.data.metrics
     (last,) = [m for m in val if m.step == EPOCHS - 1]
     assert last.value == run.data.metrics["segm/AP"]
     for key in ("bbox/AP", "segm/AP50"):
@@ -84,6 +89,45 @@ def test_run_records_config_metrics_tags_and_artifacts(finished_job):
     for key in ("segm/R50", "segm/R50_vis_hi", "segm/R50_vis_mid", "segm/R50_vis_lo"):
         assert run.data.metrics[key] == pytest.approx(results["metrics"][key])
     assert "val/segm/R50_vis_hi" in run.data.metrics  # validation beside training too
+
+
+def test_validation_asks_for_a_gpu_of_its_own_and_a_failure_is_said_out_loud(
+    finished_job, tiny_coco, tiny_config, caplog
+):
+    """A validation task of a GPU run asks Ray for a GPU; here Ray assigns it the declared one
+    and torch finds no CUDA, a real failure. It must reach the log, the MLflow run (metric and
+    tag with the reason), the driver's progress lines and the summary's unvalidated epochs."""
+    import ray
+
+    from pipeline import experiment, progress
+
+    work, uri, client, finished = finished_job
+    cfg = tiny_config()
+    splits = experiment.resolve_data(str(tiny_coco), cfg, work)  # the job's shards, reused
+    run_id = client.create_run(finished.info.experiment_id).info.run_id
+    validation = experiment.validation_config(cfg, splits, True, (run_id, uri))
+    assert validation.ray_remote_kwargs["num_gpus"] == 1
+    assert (
+        experiment.validation_config(cfg, splits, False, (run_id, uri)).ray_remote_kwargs[
+            "num_gpus"
+        ]
+        == 0
+    )
+    checkpoint = ray.train.Checkpoint.from_directory(
+        str(work / "runs" / "job" / "checkpoint_epoch_0002")
+    )
+    task = ray.remote(validation.fn).options(**validation.ray_remote_kwargs)
+    with pytest.raises(ray.exceptions.RayTaskError, match="torch sees no CUDA device"):
+        ray.get(task.remote(checkpoint, **validation.task_config.fn_kwargs))
+
+    run = client.get_run(run_id)
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "val/failed")] == [(2, 1)]
+    assert "torch sees no CUDA device" in run.data.tags["validation_failed.epoch_3"]
+    with caplog.at_level("WARNING", logger="pipeline.progress"):
+        progress.EpochReporter(client, run_id, EPOCHS).poll()
+    assert "validation after epoch 3/3 FAILED: DeviceError" in caplog.text
+    assert experiment.unvalidated_epochs(client, run_id, [1, 2]) == [2, 3]
+    assert client.get_run(run_id).data.tags["validation_missing"] == "2,3"
 
 
 def test_existing_name_without_resume_is_refused(finished_job, tiny_coco, tiny_overrides, capsys):
