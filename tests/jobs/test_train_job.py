@@ -130,6 +130,33 @@ def test_validation_asks_for_a_gpu_of_its_own_and_a_failure_is_said_out_loud(
     assert client.get_run(run_id).data.tags["validation_missing"] == "2,3"
 
 
+def test_each_task_takes_the_device_it_holds_not_the_clusters(gpu_head_ray):
+    from pipeline import devices
+
+    ray = gpu_head_ray
+    assert devices.resolve_use_gpu("auto") is True  # the cluster has a GPU: stages ask for it
+
+    @ray.remote
+    def decide(use_gpu):
+        try:
+            return ray.get_gpu_ids(), str(devices.local_device(use_gpu, "evaluation"))
+        except devices.DeviceError as e:
+            return ray.get_gpu_ids(), str(e)
+
+    # a CPU task on a GPU cluster: the CPU, whatever the cluster's totals say
+    assert ray.get(decide.options(num_cpus=0.5).remote("auto")) == ([], "cpu")
+    no_gpu = ray.get(decide.options(num_cpus=0.5).remote("true"))[1]
+    assert no_gpu == "evaluation: use_gpu is true but this Ray task was given no GPU " + (
+        "(it must ask for num_gpus)"
+    )
+    # a GPU task: Ray assigns the declared GPU; torch has no CUDA here, so `auto` falls back to
+    # the CPU and `true` says why (on a GPU node both take cuda)
+    ids, text = ray.get(decide.options(num_cpus=0.5, num_gpus=1).remote("true"))
+    assert ids == [0] and "Ray assigned GPU [0] but torch sees no CUDA device" in text
+    assert ray.get(decide.options(num_cpus=0.5, num_gpus=1).remote("auto")) == ([0], "cpu")
+    assert str(devices.local_device("auto")) == "cpu"  # the driver: its own (absent) GPU
+
+
 def test_existing_name_without_resume_is_refused(finished_job, tiny_coco, tiny_overrides, capsys):
     work, uri, _, _ = finished_job
     args = train_pep.get_args_parser().parse_args(
