@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -71,6 +72,104 @@ def gpu_head_ray(local_ray):
     yield ray
     ray.shutdown()
     local_ray()
+
+
+# ----------------------------------------------------------------------------- cluster stand-ins
+
+S3_BUCKET = "pep-test"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """An S3-compatible server on loopback (moto's, a real HTTP server speaking the S3
+    protocol) with the bucket `S3_BUCKET`, named the way AWS tools read it: the returned
+    `env` (AWS_ENDPOINT_URL, MLFLOW_S3_ENDPOINT_URL, test credentials) is also set in this
+    process for the session, so pyarrow, boto3 and MLflow here find it; give it to
+    subprocesses. A Ray started before this fixture does not have it in its workers.
+    `keys(prefix)` lists the bucket's object keys."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=_free_port(), verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    env = {
+        "AWS_ENDPOINT_URL": endpoint,
+        "MLFLOW_S3_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_REGION": "us-east-1",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    client = boto3.client("s3", endpoint_url=endpoint)
+    client.create_bucket(Bucket=S3_BUCKET)
+
+    def keys(prefix: str) -> list[str]:
+        """The object keys under `prefix` in the bucket."""
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=S3_BUCKET, Prefix=prefix)
+        return [item["Key"] for page in pages for item in page.get("Contents", [])]
+
+    try:
+        yield SimpleNamespace(
+            endpoint=endpoint, bucket=S3_BUCKET, env=env, client=client, keys=keys
+        )
+    finally:
+        server.stop()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(s3_server, tmp_path_factory):
+    """A real `mlflow server` process, as cluster.yaml runs it on the head: a SQLite backend
+    store, artifacts proxied to the S3 stand-in (`s3://S3_BUCKET/mlflow-artifacts`). Returns
+    its tracking URI; clients need no S3 access of their own."""
+    import time
+    import urllib.request
+
+    root = tmp_path_factory.mktemp("mlflow_server")
+    port = _free_port()
+    log = open(root / "server.log", "w")  # noqa: SIM115 - closed at teardown
+    process = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
+         "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+         "--artifacts-destination", f"s3://{S3_BUCKET}/mlflow-artifacts"],
+        env={**os.environ, **s3_server.env}, stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"mlflow server did not start:\n{(root / 'server.log').read_text()}")
+        time.sleep(0.5)
+    try:
+        yield uri
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        log.close()
 
 
 TINY_OVERRIDES = [

@@ -65,17 +65,23 @@ def test_unknown_mlflow_model_and_json_without_images_are_refused(tmp_path):
         job.resolve_shards(args, tmp_path / "x.pt")
 
 
-def test_console_is_the_tables_without_rays_start_up_lines(
-    tiny_config, tiny_shards, user_shell_env, tmp_path
+def test_console_is_the_tables_without_rays_start_up_lines_for_a_checkpoint_on_s3(
+    tiny_config, tiny_shards, user_shell_env, s3_server, tmp_path
 ):
-    """In a fresh process (its own local Ray): the AP table, not Ray's notices."""
+    """In a fresh process (its own local Ray): the AP table, not Ray's notices, for a Ray
+    Train checkpoint directory on S3 (the endpoint from AWS_ENDPOINT_URL, as users name it;
+    the job exited 2 with `checkpoint not found` before)."""
     cfg = tiny_config()
     checkpoint = tmp_path / "pep.pt"
     pep_model.save_checkpoint(checkpoint, pep_model.build_model(cfg.model), cfg)
+    key = "eval/run/checkpoint_epoch_0000/checkpoint.pt"
+    s3_server.client.upload_file(str(checkpoint), s3_server.bucket, key)
     done = subprocess.run(
-        [sys.executable, str(JOB), "--checkpoint", str(checkpoint), "--data",
+        [sys.executable, str(JOB), "--checkpoint",
+         f"s3://{s3_server.bucket}/eval/run/checkpoint_epoch_0000", "--data",
          str(tiny_shards / "val"), "--use-gpu", "false", "--num-cpus-per-replica", "0.5"],
-        cwd=tmp_path, env=user_shell_env, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path, env={**user_shell_env, **s3_server.env}, capture_output=True, text=True,
+        timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert "| segm |" in done.stdout

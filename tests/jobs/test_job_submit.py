@@ -1,5 +1,7 @@
-"""The cluster path: `ray start --head` (token auth) + `ray job submit` of jobs/train_pep.py,
-then of jobs/promote_pep.py on the MLflow store the training job wrote."""
+"""The cluster path, on stand-ins of the cluster's parts: `ray start --head` (token auth)
+declaring a GPU this machine lacks (a GPU cluster as its CPU head sees it), an S3 server on
+loopback for `--storage-path s3://...`, and a real `mlflow server` process with its
+artifacts on that S3; `ray job submit` of jobs/train_pep.py, then of jobs/promote_pep.py."""
 
 from __future__ import annotations
 
@@ -51,9 +53,10 @@ def _stop_head(temp_dir: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def ray_head():
-    """A real Ray head started like on a cluster, with token authentication."""
-    env = _env()
+def ray_head(s3_server):
+    """A real Ray head started like on a cluster, with token authentication, one logical GPU,
+    and the S3 endpoint in its environment (as an instance profile gives a cluster's nodes)."""
+    env = {**_env(), **s3_server.env}
     subprocess.run([RAY, "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
     temp_dir = tempfile.mkdtemp(prefix="rayhead", dir="/tmp")  # short: socket path limits
     # Explicit free ports: other Ray instances on this machine (the test session's own local
@@ -63,7 +66,7 @@ def ray_head():
         [
             RAY, "start", "--head", f"--port={port}", f"--dashboard-port={dashboard}",
             "--dashboard-host=127.0.0.1", f"--dashboard-agent-listen-port={agent}",
-            "--num-cpus=2", f"--temp-dir={temp_dir}",
+            "--num-cpus=2", "--num-gpus=1", f"--temp-dir={temp_dir}",
             "--disable-usage-stats",
         ],
         env=env, capture_output=True, text=True, timeout=120,
@@ -106,42 +109,63 @@ def _run_job(address: str, env: dict[str, str], job_id: str, entrypoint: list[st
     return submit.stdout + submit.stderr, status, logs
 
 
-def test_job_submit_trains_and_logs_a_run_then_promotes_it(
-    ray_head, tiny_coco, tiny_overrides, tmp_path
+def test_job_submit_trains_on_s3_logs_to_the_server_then_promotes(
+    ray_head, s3_server, mlflow_server, tiny_coco, tiny_overrides, tmp_path
 ):
     address, env = ray_head
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_server
     job_id = f"pep-test-{int(time.time())}"
+    storage = f"s3://{s3_server.bucket}/runs"
     entrypoint = [
         "python", "jobs/train_pep.py", "--config", "configs/tiny.yaml",
         "--data", str(tiny_coco), "--work-dir", str(tmp_path / "work"),
-        "--tracking-uri", uri, "--name", "submitted",
-    ] + [item for s in tiny_overrides + ["train.epochs=1"] for item in ("--set", s)]  # fmt: skip
+        "--tracking-uri", uri, "--experiment", "pep-cluster", "--name", "submitted",
+        "--storage-path", storage, "--use-gpu", "false",
+    ] + [
+        item for s in tiny_overrides + ["train.epochs=2", "eval.every_epochs=1"]
+        for item in ("--set", s)
+    ]  # fmt: skip
     submitted, status, logs = _run_job(address, env, job_id, entrypoint)
     # The upload must stay small: data, shards, stores and the virtualenv are excluded.
     upload = [line for line in submitted.splitlines() if "Uploading" in line]
     assert "' succeeded" in status, status + logs[-4000:]
     assert "MLflow run:" in logs and "| segm |" in logs
-
-    client = mlflow.MlflowClient(uri)
-    (run,) = client.search_runs(
-        [client.get_experiment_by_name("pep").experiment_id], "tags.ray_run_name = 'submitted'"
-    )
-    assert run.info.status == "FINISHED"
-    assert "segm/AP" in run.data.metrics and run.data.params["train.epochs"] == "1"
-    assert client.get_metric_history(run.info.run_id, "loss_mask")
     for line in upload:
         if "MiB" in line:  # e.g. "Uploading package ... (1.23MiB) to Ray cluster"
             size = float(line.split("(")[-1].split("MiB")[0])
             assert size < 20, line
+
+    # Checkpoints in the bucket, and the final evaluation read the last one from there (it
+    # looked for `pep-test/runs/...` on the local disk before and the job failed).
+    assert f"checkpoint:  {storage}/submitted/checkpoint_epoch_0001" in logs
+    keys = s3_server.keys("runs/submitted/")
+    for epoch in (0, 1):
+        assert f"runs/submitted/checkpoint_epoch_000{epoch}/checkpoint.pt" in keys
+
+    client = mlflow.MlflowClient(uri)
+    (run,) = client.search_runs(
+        [client.get_experiment_by_name("pep-cluster").experiment_id],
+        "tags.ray_run_name = 'submitted'",
+    )
+    assert run.info.status == "FINISHED"
+    assert "segm/AP" in run.data.metrics and run.data.params["train.epochs"] == "2"
+    assert client.get_metric_history(run.info.run_id, "loss_mask")
+    # validation beside training ran on the CPU on purpose: the cluster's (logical) GPU is
+    # not the validation task's (it failed on CUDA before, silently)
+    val = client.get_metric_history(run.info.run_id, "val/segm/AP")
+    assert sorted(m.step for m in val) == [0, 1], logs[-4000:]
+    assert "NOT VALIDATED" not in logs
+    # the server stored the run's artifacts and its model in the bucket
+    artifacts = s3_server.keys("mlflow-artifacts/")
+    assert any(key.endswith("/results.json") for key in artifacts)
+    assert any(key.endswith("/MLmodel") for key in artifacts)
 
     # The registry step of the cluster workflow: the best run of the experiment -> @champion.
     _, status, logs = _run_job(
         address,
         env,
         f"{job_id}-promote",
-        # no --run-id/--experiment: the best run of experiment `pep`, where train_pep logged
-        ["python", "jobs/promote_pep.py", "--tracking-uri", uri],
+        ["python", "jobs/promote_pep.py", "--tracking-uri", uri, "--experiment", "pep-cluster"],
     )
     assert "' succeeded" in status, status + logs[-4000:]
     assert "FIRST_CHAMPION" in logs

@@ -224,6 +224,25 @@ def test_every_source_form_resolves_to_the_logged_checkpoint(logged_model, tmp_p
     assert resolve_model_source(checkpoint.parent.parent)[1] == NAMES
 
 
+def test_checkpoints_on_s3_resolve_to_a_download(logged_model, s3_server, tmp_path):
+    """A checkpoint file or a Ray Train checkpoint directory on S3 (the endpoint from
+    AWS_ENDPOINT_URL, as pyarrow and Ray Train read it)."""
+    m = logged_model
+    s3_server.client.upload_file(str(m.checkpoint), s3_server.bucket, "ckpt/one.pt")
+    s3_server.client.upload_file(
+        str(m.checkpoint), s3_server.bucket, "runs/r/checkpoint_epoch_0003/checkpoint.pt"
+    )
+    for uri in (
+        f"s3://{s3_server.bucket}/ckpt/one.pt",
+        f"s3://{s3_server.bucket}/runs/r/checkpoint_epoch_0003",
+    ):
+        checkpoint, categories = resolve_model_source(uri, dst_dir=tmp_path / "s3")
+        assert filecmp.cmp(checkpoint, m.checkpoint, shallow=False), uri
+        assert categories is None
+    with pytest.raises(ModelSourceError, match="nope.pt: checkpoint not found"):
+        resolve_model_source(f"s3://{s3_server.bucket}/ckpt/nope.pt", dst_dir=tmp_path)
+
+
 def test_evaluate_job_accepts_mlflow_uris(logged_model):
     job = _job("evaluate_pep")
     checkpoint = job.resolve_checkpoint("models:/pep@champion", logged_model.uri)

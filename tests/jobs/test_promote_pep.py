@@ -1,4 +1,5 @@
-"""jobs/promote_pep.py against a real MLflow SQLite store: who becomes @champion, and why.
+"""jobs/promote_pep.py against a real `mlflow server` process (as cluster.yaml runs it on the
+head; its artifacts on an S3 server on loopback): who becomes @champion, and why.
 
 The runs are made directly with MLflow (metrics, tags and a real PEP pyfunc model logged
 by `pipeline.tracking.log_pep_model` from an untrained tiny checkpoint) instead of training
@@ -28,7 +29,7 @@ FP_OTHER = "b" * 64
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory, tiny_config):
+def store(mlflow_server, tmp_path_factory, tiny_config):
     """A store with runs in experiment `pep` (A, parent P with children B and C) and `other`.
 
     A 0.40 (val set), B 0.30 and C 0.10 (children of P, val set), P: a parent with a metric
@@ -37,7 +38,7 @@ def store(tmp_path_factory, tiny_config):
     from pep_model import build_model, save_checkpoint
 
     work = tmp_path_factory.mktemp("promote")
-    uri = f"sqlite:///{work / 'mlflow.db'}"
+    uri = mlflow_server
     cfg = tiny_config()
     checkpoint = work / "checkpoint.pt"
     save_checkpoint(checkpoint, build_model(cfg.model), cfg)
