@@ -65,18 +65,23 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def make_batch(batch: int, size: int, objects: int, seed: int = 0):
-    """Random images (0..1) and rectangle targets in the PEP/torchvision target format."""
+def make_batch(batch: int, size: int | tuple[int, int], objects: int, seed: int = 0):
+    """Random images (0..1) and rectangle targets in the PEP/torchvision target format.
+
+    `size` is a square side or (height, width); rectangle sides scale with the shorter side.
+    """
+    height, width = (size, size) if isinstance(size, int) else size
+    short = min(height, width)
     g = torch.Generator().manual_seed(seed)
     images, targets = [], []
     for _ in range(batch):
-        images.append(torch.rand(3, size, size, generator=g))
-        masks = torch.zeros((objects, size, size), dtype=torch.uint8)
+        images.append(torch.rand(3, height, width, generator=g))
+        masks = torch.zeros((objects, height, width), dtype=torch.uint8)
         for i in range(objects):
-            w, h = torch.randint(size // 16, size // 3, (2,), generator=g).tolist()
+            w, h = torch.randint(short // 16, short // 3, (2,), generator=g).tolist()
             x, y = (
-                torch.randint(0, size - w, (1,), generator=g).item(),
-                torch.randint(0, size - h, (1,), generator=g).item(),
+                torch.randint(0, width - w, (1,), generator=g).item(),
+                torch.randint(0, height - h, (1,), generator=g).item(),
             )
             masks[i, y : y + h, x : x + w] = 1
         boxes = masks_to_boxes(masks)
@@ -122,19 +127,22 @@ def pep_model(**overrides):
     return build_model(config)
 
 
-def mask_rcnn(size: int):
+def mask_rcnn(min_size: int, max_size: int | None = None):
+    """Its transform resizes the shorter side to `min_size`, the longer to at most `max_size`
+    (default `min_size`: a square image of that side is not resized)."""
     return maskrcnn_resnet50_fpn(
         weights=None,
         weights_backbone=None,
         num_classes=NUM_CLASSES + 1,
-        min_size=size,
-        max_size=size,
+        min_size=min_size,
+        max_size=max_size or min_size,
         box_score_thresh=0.0,
     )
 
 
-def timed(fn, iters: int) -> float:
-    fn()  # warm-up
+def timed(fn, iters: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
     times = []
     for _ in range(iters):
         start = time.perf_counter()
@@ -143,17 +151,23 @@ def timed(fn, iters: int) -> float:
     return statistics.median(times)
 
 
-def train_step_fn(model, images, targets):
+def train_step_fn(model, images, targets, amp: bool = False):
+    """With `amp`, the step of `train.amp`: autocast forward (float16 on a GPU, bfloat16 on
+    the CPU: torch's defaults) and a GradScaler backward, on the model's device."""
     optimizer = torch.optim.SGD(
         [p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9
     )
+    device = next(model.parameters()).device.type
+    scaler = torch.amp.GradScaler(device, enabled=amp)
 
     def step():
         model.train()
-        losses = model(images, targets)
+        with torch.autocast(device, enabled=amp):
+            losses = model(images, targets)
         optimizer.zero_grad()
-        sum(losses.values()).backward()
-        optimizer.step()
+        scaler.scale(sum(losses.values())).backward()
+        scaler.step(optimizer)
+        scaler.update()
 
     return step
 
@@ -167,10 +181,12 @@ def forward_backward_fn(model, images, targets):
     return step
 
 
-def inference_fn(model, images):
+def inference_fn(model, images, amp: bool = False):
+    device = next(model.parameters()).device.type
+
     def step():
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(device, enabled=amp):
             model(images)
 
     return step

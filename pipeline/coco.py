@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -420,49 +419,6 @@ def rle_pixels(counts: str | bytes, height: int) -> tuple[np.ndarray, np.ndarray
     total = int(fg_len.sum())
     pos = np.repeat(fg_start - (np.cumsum(fg_len) - fg_len), fg_len) + np.arange(total)
     return pos % height, pos // height
-
-
-def rles_pixels(
-    counts: Sequence[str | bytes], height: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(instance, rows, cols) of the foreground pixels of many compressed RLE masks of one
-    image, parsed together with a fixed number of numpy calls (no per-mask Python loop).
-
-    Pixels come grouped by instance (in input order), column-major within an instance. The
-    counts are trusted (written by `encode_rle`); use `rle_counts` to validate foreign ones.
-    """
-    empty = np.zeros(0, np.int64)
-    if len(counts) == 0:
-        return empty, empty, empty
-    encoded = [c.encode("ascii") if isinstance(c, str) else c for c in counts]
-    n = len(encoded)
-    c = np.frombuffer(b"".join(encoded), np.uint8).astype(np.int64) - 48
-    last = np.flatnonzero((c & 0x20) == 0)  # last character of each run
-    first = np.r_[0, last[:-1] + 1]
-    shift = 5 * (np.arange(len(c)) - np.repeat(first, last - first + 1))
-    x = np.add.reduceat((c & 0x1F) << shift, first)
-    negative = (c[last] & 0x10) != 0
-    x[negative] |= -1 << (shift[last[negative]] + 5)
-    # Instance of each run and its index m within the instance.
-    inst = np.searchsorted(np.cumsum([len(e) for e in encoded]), last, side="right")
-    run0 = np.searchsorted(inst, np.arange(n))  # first run of each instance
-    m = np.arange(len(x)) - run0[inst]
-    # Delta coding: runs[m] = x[m] + runs[m - 2] for m > 2, i.e. a cumulative sum per
-    # instance over odd m, and over even m >= 2.
-    odd = (m & 1) == 1
-    x_odd, x_even = np.where(odd, x, 0), np.where(~odd & (m > 0), x, 0)
-    c_odd, c_even = np.cumsum(x_odd), np.cumsum(x_even)
-    base_odd, base_even = (c_odd - x_odd)[run0], (c_even - x_even)[run0]
-    runs = np.where(odd, c_odd - base_odd[inst], c_even - base_even[inst])
-    runs[m == 0] = x[m == 0]
-    # Start of each run within its mask (column-major), then expand the foreground runs.
-    c_runs = np.cumsum(runs)
-    start = c_runs - runs - (c_runs - runs)[run0][inst]
-    fg = odd & (runs > 0)
-    fg_start, fg_len = start[fg], runs[fg]
-    total = int(fg_len.sum())
-    pos = np.repeat(fg_start - (np.cumsum(fg_len) - fg_len), fg_len) + np.arange(total)
-    return np.repeat(inst[fg], fg_len), pos % height, pos // height
 
 
 def _resample_crop(

@@ -2,8 +2,9 @@
 
 `decode_batch` is the `map_batches` function of `pipeline.reader.training_dataset`. It lives
 apart from the reader so that the Ray Data processes that run it (and the coordinator that
-unpickles it) import numpy, PIL, pyarrow and pycocotools only, not torch and torchvision
-(which take seconds to import in every new worker process).
+unpickles it) import numpy, PIL and pyarrow only, not torch and torchvision (which take
+seconds to import in every new worker process), nor pycocotools (its RLE decoding is
+`pipeline.rle`'s numpy), so it also runs where only those are installed.
 
 Masks travel between the workers and the collate bit-packed (`np.packbits` of [N, H, W]),
 8x less than uint8 through the object store; crowded images have hundreds of masks. The
@@ -26,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from pipeline.coco import rles_pixels
+from pipeline.rle import rles_pixels
 
 __all__ = ["DECODED_SCHEMA", "decode_batch", "decode_sample", "transform_masks"]
 

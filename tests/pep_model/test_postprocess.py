@@ -195,7 +195,7 @@ def _matrix_nms_by_definition(masks, labels, scores, kernel, sigma):
 
 @pytest.mark.parametrize("kernel", ["gaussian", "linear"])
 def test_matrix_nms_matches_pairwise_definition_on_random_masks(kernel):
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator(torch.get_default_device()).manual_seed(0)  # PEP_TEST_DEVICE
     masks = torch.rand(12, 8, 8, generator=gen) > 0.5
     labels = torch.randint(0, 3, (12,), generator=gen)
     scores = torch.rand(12, generator=gen)
@@ -337,8 +337,13 @@ def test_merge_groups_seed_mode_keeps_the_top_members_own_mask():
     assert labels.tolist() == [2, 3]  # a score tie goes to the lower index
     torch.testing.assert_close(masks, torch.tensor([[[0.9]], [[0.6]]]))
     with pytest.raises(ValueError, match="unknown mask 'max'"):
-        merge_groups(torch.tensor([0]), torch.ones(1), torch.ones(1, dtype=torch.int64),
-                     probs[:1], mask="max")
+        merge_groups(
+            torch.tensor([0]),
+            torch.ones(1),
+            torch.ones(1, dtype=torch.int64),
+            probs[:1],
+            mask="max",
+        )
 
 
 def test_merge_groups_rejects_gaps_in_group_ids():
@@ -412,8 +417,8 @@ def test_mask_iou_matches_hand_counts():
     masks[1, :, 1:3] = True  # 4 px, 2 shared with 0
     masks[2, 0, 3] = True  # 1 px, apart
     iou = mask_iou(masks)
-    torch.testing.assert_close(iou, torch.tensor(
-        [[1.0, 2 / 6, 0.0], [2 / 6, 1.0, 0.0], [0.0, 0.0, 1.0]]
-    ))
+    torch.testing.assert_close(
+        iou, torch.tensor([[1.0, 2 / 6, 0.0], [2 / 6, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    )
     torch.testing.assert_close(mask_iou(masks, torch.tensor([4, 4, 1])), iou)
     assert mask_iou(masks[:0]).shape == (0, 0)  # nothing left after the empty-mask filter
