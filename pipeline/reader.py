@@ -8,8 +8,10 @@
 
 Decoding (JPEG, RLE masks) and augmentation (scale jitter over `DataConfig.train_size`,
 horizontal flip with `DataConfig.flip_prob`) run in Ray Data workers (`map_batches` of
-`pipeline.decode.decode_batch`), not in the training loop. The collate
-(`iter_model_batches`) only turns the workers' buffers into tensors:
+`pipeline.decode.decode_batch`), not in the training loop. The collate (`collate_packed`)
+turns the workers' buffers into uint8 tensors in Ray Data's prefetch threads; they travel to
+the device as uint8 images and bit-packed masks, and become the model's inputs there
+(`to_model_inputs`: float images, unpacked masks). `iter_model_batches` yields:
 
 - `images`: list of float32 [3, H, W] tensors in 0..1; sizes vary within a batch. The
   reader does NOT pad: the model pads a list of images to its size divisibility in one
@@ -20,8 +22,8 @@ horizontal flip with `DataConfig.flip_prob`) run in Ray Data workers (`map_batch
   bool [N], `image_id` int, `orig_size` (height, width) of the image in the annotation
   file (what predictions are rescaled to for COCO results).
 
-Masks arrive bit-packed from the workers (`pipeline.decode`, which imports no torch); the
-collate's `np.unpackbits` is the one pass over N x H x W.
+Masks arrive bit-packed from the workers (`pipeline.decode`, which imports no torch) and
+are unpacked on the device (`unpack_masks`), the one pass over N x H x W.
 
 Randomness: with `seed=None` every pass draws fresh augmentations (what training wants:
 each epoch re-executes the dataset); with an int seed the augmentation of an image is a
@@ -43,6 +45,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
+import ray.data.collate_fn
 import torch
 
 from pep_model.config import DataConfig
@@ -55,6 +58,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "category_map",
     "collate",
+    "collate_packed",
     "decode_batch",
     "image_sizes",
     "iter_model_batches",
@@ -62,7 +66,9 @@ __all__ = [
     "open_shards",
     "read_manifest",
     "shard_files",
+    "to_model_inputs",
     "training_dataset",
+    "unpack_masks",
 ]
 
 _INV_255 = np.float32(1.0 / 255.0)
@@ -155,8 +161,14 @@ def _list_values(column: pa.Array, i: int) -> np.ndarray:
     return column.values[start:end].to_numpy(zero_copy_only=False)
 
 
-def collate(batch: pa.Table | pa.RecordBatch) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
-    """Decoded rows (`DECODED_SCHEMA`) -> (images, targets) as the model takes them."""
+def collate_packed(
+    batch: pa.Table | pa.RecordBatch, pin_memory: bool = False
+) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
+    """Decoded rows (`DECODED_SCHEMA`) -> (images, targets) as they travel to the device:
+    uint8 images [3, H, W] and bit-packed masks (`masks_packed`, `mask_shape` (N, H, W)),
+    4x and 8x less than float32 images and uint8 masks. `to_model_inputs` makes them what
+    the model takes, on the device. `pin_memory`: page-locked, for asynchronous copies to a
+    GPU."""
     images: list[torch.Tensor] = []
     targets: list[dict[str, Any]] = []
     record_batches = batch.to_batches() if isinstance(batch, pa.Table) else [batch]
@@ -167,25 +179,77 @@ def collate(batch: pa.Table | pa.RecordBatch) -> tuple[list[torch.Tensor], list[
         orig = zip(cols["orig_height"].to_pylist(), cols["orig_width"].to_pylist())
         for i, (image_id, h, w, orig_size) in enumerate(zip(ids, heights, widths, orig)):
             pixels = np.frombuffer(cols["image"][i].as_buffer(), np.uint8).reshape(3, h, w)
-            # to float in 0..1 with numpy: single-threaded, no OpenMP start-up per image
-            images.append(torch.from_numpy(np.multiply(pixels, _INV_255, dtype=np.float32)))
             labels = _list_values(cols["labels"], i).astype(np.int64)
             n = len(labels)
             packed = np.frombuffer(cols["masks"][i].as_buffer(), np.uint8)
-            masks = np.unpackbits(packed, count=n * h * w).reshape(n, h, w)  # N x H x W
+            image, packed = torch.from_numpy(pixels.copy()), torch.from_numpy(packed.copy())
+            if pin_memory:
+                image, packed = image.pin_memory(), packed.pin_memory()
+            images.append(image)
             targets.append(
                 {
                     "labels": torch.from_numpy(labels),
                     "boxes": torch.from_numpy(
                         _list_values(cols["boxes"], i).astype(np.float32).reshape(n, 4)
                     ),
-                    "masks": torch.from_numpy(masks),
+                    "masks_packed": packed,
+                    "mask_shape": (n, h, w),
                     "iscrowd": torch.from_numpy(_list_values(cols["iscrowd"], i).astype(bool)),
                     "image_id": int(image_id),
                     "orig_size": orig_size,
                 }
             )
     return images, targets
+
+
+_BIT_VALUES = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)  # np.packbits order
+
+
+def unpack_masks(packed: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+    """`np.packbits` bytes -> uint8 masks of `shape` (N, H, W), on the bytes' device."""
+    count = shape[0] * shape[1] * shape[2]
+    bits = packed.unsqueeze(-1).bitwise_and(_BIT_VALUES.to(packed.device)).ne(0)
+    return bits.reshape(-1)[:count].reshape(shape).to(torch.uint8)
+
+
+def to_model_inputs(
+    images: list[torch.Tensor], targets: list[dict[str, Any]], device: torch.device | str
+) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
+    """`collate_packed`'s batch on `device`, as the model takes it: float32 images in 0..1,
+    uint8 masks [N, H, W]; the conversions run on the device, after the copy."""
+    device = torch.device(device)
+    images = [
+        img.to(device, non_blocking=True).to(torch.float32).mul_(float(_INV_255)) for img in images
+    ]
+    out = []
+    for target in targets:
+        moved = {
+            k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v)
+            for k, v in target.items()
+            if k not in ("masks_packed", "mask_shape")
+        }
+        if "masks_packed" in target:
+            packed = target["masks_packed"].to(device, non_blocking=True)
+            moved["masks"] = unpack_masks(packed, target["mask_shape"])
+        out.append(moved)
+    return images, out
+
+
+def collate(batch: pa.Table | pa.RecordBatch) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
+    """Decoded rows (`DECODED_SCHEMA`) -> (images, targets) as the model takes them, on the
+    CPU: `to_model_inputs` of `collate_packed`."""
+    return to_model_inputs(*collate_packed(batch), "cpu")
+
+
+class PackedCollate(ray.data.collate_fn.ArrowBatchCollateFn):
+    """`collate_packed` as Ray Data's collate hook: with prefetching it runs in Ray Data's
+    threads, off the training loop's."""
+
+    def __init__(self, pin_memory: bool = False):
+        self.pin_memory = pin_memory
+
+    def __call__(self, batch: pa.Table) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
+        return collate_packed(batch, self.pin_memory)
 
 
 def iter_model_batches(
@@ -195,18 +259,26 @@ def iter_model_batches(
     drop_last: bool = False,
     local_shuffle_buffer_size: int | None = None,
     prefetch_batches: int = 2,
+    device: torch.device | str | None = None,
 ) -> Iterator[tuple[list[torch.Tensor], list[dict[str, Any]]]]:
     """Model batches from a `training_dataset` or its Ray Train shard
-    (`ray.train.get_dataset_shard("train")`): (images, targets) as `collate` gives."""
-    batches = dataset_or_shard.iter_batches(
+    (`ray.train.get_dataset_shard("train")`): (images, targets) as `collate` gives, on
+    `device` (default: the CPU).
+
+    `collate_packed` runs in Ray Data's prefetch threads (`iter_torch_batches`' collate
+    hook); the copy to the device and the conversions (`to_model_inputs`) in this thread,
+    on the device. Batches for a GPU are pinned.
+    """
+    device = torch.device(device or "cpu")
+    batches = dataset_or_shard.iter_torch_batches(
         batch_size=batch_size,
-        batch_format="pyarrow",
+        collate_fn=PackedCollate(pin_memory=device.type == "cuda"),
         drop_last=drop_last,
         local_shuffle_buffer_size=local_shuffle_buffer_size,
         prefetch_batches=prefetch_batches,
     )
-    for batch in batches:
-        yield collate(batch)
+    for images, targets in batches:
+        yield to_model_inputs(images, targets, device)
 
 
 def _local_rows(shards_dir: str | os.PathLike, rows: int) -> Iterable[pa.Table]:

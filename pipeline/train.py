@@ -364,7 +364,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     for epoch in range(start_epoch, cfg.train.epochs):
         batches = reader.iter_model_batches(
-            shard, cfg.train.batch_size, local_shuffle_buffer_size=4 * cfg.train.batch_size
+            shard,
+            cfg.train.batch_size,
+            local_shuffle_buffer_size=4 * cfg.train.batch_size,
+            device=device,
         )
         metrics = train_one_epoch(model, optimizer, scheduler, batches, device, cfg, scaler)
         metrics.update(

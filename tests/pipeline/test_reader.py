@@ -19,10 +19,13 @@ from pipeline.prepare import SHARD_SCHEMA
 from pipeline.reader import (
     category_map,
     collate,
+    collate_packed,
     decode_batch,
     image_sizes,
     local_batches,
+    to_model_inputs,
     training_dataset,
+    unpack_masks,
 )
 
 JITTER = DataConfig(train_size=[64, 96, 128], flip_prob=0.5)
@@ -94,6 +97,30 @@ def _decode(row: dict, train_size=None, flip_prob=0.0, seed=0):
     table = pa.Table.from_pylist([row], schema=SHARD_SCHEMA)
     images, targets = collate(decode_batch(table, train_size, flip_prob, seed))
     return images[0], targets[0]
+
+
+def test_batches_travel_as_uint8_and_packed_masks_and_become_the_models_inputs_on_the_device():
+    """`collate_packed` (Ray Data's prefetch threads) keeps uint8 images and packed masks;
+    `to_model_inputs` on the device gives exactly what the model took before: float images
+    (x / 255 in float32) and the unpacked masks."""
+    row = _scene_row()
+    decoded = decode_batch(pa.Table.from_pylist([row, row], schema=SHARD_SCHEMA), [40], 1.0, 0)
+    images, targets = collate_packed(decoded)
+    (n, h, w) = targets[0]["mask_shape"]
+    assert images[0].dtype == torch.uint8 and images[0].shape == (3, h, w)
+    assert targets[0]["masks_packed"].dtype == torch.uint8
+    assert targets[0]["masks_packed"].numel() == -(-n * h * w // 8)  # 1 bit per pixel
+    model_images, model_targets = to_model_inputs(images, targets, "cpu")
+    expected = np.multiply(images[0].numpy(), np.float32(1 / 255), dtype=np.float32)
+    assert torch.equal(model_images[0], torch.from_numpy(expected))
+    bits = np.unpackbits(targets[0]["masks_packed"].numpy(), count=n * h * w).reshape(n, h, w)
+    assert torch.equal(model_targets[0]["masks"], torch.from_numpy(bits))
+    assert "masks_packed" not in model_targets[0] and model_targets[0]["image_id"] == 7
+    # odd bit counts: the padding of the last byte is dropped
+    for shape in ((1, 3, 3), (3, 5, 7), (0, 4, 4)):
+        mask = np.random.default_rng(0).random(shape) > 0.5
+        packed = torch.from_numpy(np.packbits(mask))
+        assert torch.equal(unpack_masks(packed, shape), torch.from_numpy(mask.astype(np.uint8)))
 
 
 def test_flip_maps_pixel_x_to_width_minus_one_minus_x():
