@@ -122,8 +122,7 @@ def test_job_submit_trains_on_s3_logs_to_the_server_then_promotes(
         "--tracking-uri", uri, "--experiment", "pep-cluster", "--name", "submitted",
         "--storage-path", storage, "--use-gpu", "false",
     ] + [
-        item for s in tiny_overrides + ["train.epochs=2", "eval.every_epochs=1"]
-        for item in ("--set", s)
+        item for s in tiny_overrides + ["train.epochs=1"] for item in ("--set", s)
     ]  # fmt: skip
     submitted, status, logs = _run_job(address, env, job_id, entrypoint)
     # The upload must stay small: data, shards, stores and the virtualenv are excluded.
@@ -135,12 +134,10 @@ def test_job_submit_trains_on_s3_logs_to_the_server_then_promotes(
             size = float(line.split("(")[-1].split("MiB")[0])
             assert size < 20, line
 
-    # Checkpoints in the bucket, and the final evaluation read the last one from there (it
-    # looked for `pep-test/runs/...` on the local disk before and the job failed).
-    assert f"checkpoint:  {storage}/submitted/checkpoint_epoch_0001" in logs
-    keys = s3_server.keys("runs/submitted/")
-    for epoch in (0, 1):
-        assert f"runs/submitted/checkpoint_epoch_000{epoch}/checkpoint.pt" in keys
+    # The checkpoint in the bucket, and the final evaluation read it from there (it looked
+    # for `pep-test/runs/...` on the local disk before, and the job failed).
+    assert f"checkpoint:  {storage}/submitted/checkpoint_epoch_0000" in logs
+    assert "runs/submitted/checkpoint_epoch_0000/checkpoint.pt" in s3_server.keys("runs/")
 
     client = mlflow.MlflowClient(uri)
     (run,) = client.search_runs(
@@ -148,13 +145,9 @@ def test_job_submit_trains_on_s3_logs_to_the_server_then_promotes(
         "tags.ray_run_name = 'submitted'",
     )
     assert run.info.status == "FINISHED"
-    assert "segm/AP" in run.data.metrics and run.data.params["train.epochs"] == "2"
+    assert "segm/AP" in run.data.metrics and run.data.params["train.epochs"] == "1"
     assert client.get_metric_history(run.info.run_id, "loss_mask")
-    # validation beside training ran on the CPU on purpose: the cluster's (logical) GPU is
-    # not the validation task's (it failed on CUDA before, silently)
-    val = client.get_metric_history(run.info.run_id, "val/segm/AP")
-    assert sorted(m.step for m in val) == [0, 1], logs[-4000:]
-    assert "NOT VALIDATED" not in logs
+    # (validation beside training on a Ray with a GPU it lacks: tests/jobs/test_train_job.py)
     # the server stored the run's artifacts and its model in the bucket
     artifacts = s3_server.keys("mlflow-artifacts/")
     assert any(key.endswith("/results.json") for key in artifacts)

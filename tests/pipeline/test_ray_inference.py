@@ -96,11 +96,12 @@ def baseline_checkpoint(tmp_path_factory) -> Path:
 
 
 def _same_results(a: list[dict], b: list[dict]) -> bool:
-    """Equal up to float noise: same images, classes and boxes, scores within 1e-5, masks
-    with IoU > 0.99, in any order. Batch sizes and thread counts change logits by ~1e-8; the
-    score decay (Matrix NMS / purifying's min(M, mask IoU)) reads binarised masks, where such
-    noise flips a pixel at 0.5 now and then: up to 3e-6 in a random-init model's scores (the
-    stride-2 masks of tiny.yaml, measured)."""
+    """Equal up to float noise: same images and classes, boxes within a pixel, scores within
+    1e-5, masks with IoU > 0.99, in any order. Batch sizes and thread counts change logits by
+    ~1e-8; the score decay (Matrix NMS / purifying's min(M, mask IoU)) reads binarised masks,
+    where such noise flips a pixel at 0.5 now and then: up to 3e-6 in a random-init model's
+    scores (the stride-2 masks of tiny.yaml, measured), and a flipped pixel at a mask's edge
+    moves its box by one (seen: 128 -> 127 at IoU 0.9999, batch 1 against 3)."""
     if len(a) != len(b):
         return False
     unmatched = list(b)
@@ -110,7 +111,7 @@ def _same_results(a: list[dict], b: list[dict]) -> bool:
                 x["image_id"] == y["image_id"]
                 and x["category_id"] == y["category_id"]
                 and abs(x["score"] - y["score"]) < 1e-5
-                and np.allclose(x["bbox"], y["bbox"], atol=1e-3)
+                and np.allclose(x["bbox"], y["bbox"], atol=1.0)
                 and mask_utils.iou([x["segmentation"]], [y["segmentation"]], [0])[0][0] > 0.99
             ):
                 unmatched.remove(y)
