@@ -116,6 +116,12 @@ def test_batches_travel_as_uint8_and_packed_masks_and_become_the_models_inputs_o
     bits = np.unpackbits(targets[0]["masks_packed"].numpy(), count=n * h * w).reshape(n, h, w)
     assert torch.equal(model_targets[0]["masks"], torch.from_numpy(bits))
     assert "masks_packed" not in model_targets[0] and model_targets[0]["image_id"] == 7
+    # what a GPU runs, here on the CPU: the same values
+    as_float = images[0].to(torch.float32).mul_(float(np.float32(1 / 255)))
+    assert torch.equal(as_float, model_images[0])
+    assert torch.equal(
+        unpack_masks(targets[0]["masks_packed"], (n, h, w)), model_targets[0]["masks"]
+    )
     # odd bit counts: the padding of the last byte is dropped
     for shape in ((1, 3, 3), (3, 5, 7), (0, 4, 4)):
         mask = np.random.default_rng(0).random(shape) > 0.5
