@@ -39,8 +39,10 @@ def ensure_local_ray():
 
 
 @pytest.fixture(scope="session")
-def local_ray():
-    """`ensure_local_ray` for fixtures of any scope; shuts Ray down at the end of the session."""
+def local_ray(s3_server):
+    """`ensure_local_ray` for fixtures of any scope; shuts Ray down at the end of the session.
+    Its processes see the S3 stand-in (`s3_server` sets the env first), as a cluster's nodes
+    see their storage."""
     yield ensure_local_ray
     import ray
 

@@ -253,23 +253,24 @@ def test_job_exits_non_zero_when_a_run_failed(monkeypatch, capsys):
 
 
 @pytest.fixture(scope="module")
-def finished_ablation(ray_session, tiny_shards, tiny_overrides, tmp_path_factory):
-    """One real ablation: four variants x one seed, one epoch each, on the tiny shards."""
+def finished_ablation(ray_session, s3_server, tiny_shards, tiny_overrides, tmp_path_factory):
+    """One real ablation: four variants x one seed, one epoch each, on the tiny shards, its
+    runs' checkpoints on the S3 stand-in (`--storage-path s3://...`, as on a cluster)."""
     work = tmp_path_factory.mktemp("ablation")
     uri = f"sqlite:///{work / 'mlflow.db'}"
     sets = tiny_overrides + ["train.epochs=1", "eval.every_epochs=1"]
     args = ablation_pep.get_args_parser().parse_args(
         ["--config", str(ROOT / "configs" / "tiny.yaml"), "--data", str(tiny_shards)]
         + ["--work-dir", str(work), "--tracking-uri", uri, "--name", "abl", "--seeds", "1"]
-        + ["--overlays", "0"]
+        + ["--overlays", "0", "--storage-path", f"s3://{s3_server.bucket}/ablation"]
         + [item for s in sets for item in ("--set", s)]
     )
     code = ablation_pep.main(args)
-    return code, work, uri
+    return code, work, uri, args.storage_path
 
 
-def test_ablation_trains_four_variants_as_nested_mlflow_runs(finished_ablation, capsys):
-    code, work, uri = finished_ablation
+def test_ablation_trains_four_variants_as_nested_mlflow_runs(finished_ablation, s3_server):
+    code, work, uri, storage = finished_ablation
     assert code == 0
     client = mlflow.MlflowClient(uri)
     experiment_id = client.get_experiment_by_name("pep-ablation").experiment_id
@@ -286,6 +287,10 @@ def test_ablation_trains_four_variants_as_nested_mlflow_runs(finished_ablation, 
         assert switches == EXPECTED_SWITCHES[variant]
         assert child.info.run_name == f"abl-{variant}-s1" and child.info.status == "FINISHED"
         assert 0.0 <= child.data.metrics["segm/AP"] <= 1.0
+        # each run's checkpoint is in the bucket, and its final evaluation read it from there
+        assert child.data.tags["storage_path"] == storage
+        key = f"ablation/abl-{variant}-s1/checkpoint_epoch_0000/checkpoint.pt"
+        assert key in s3_server.keys("ablation/"), key
     # one data set for all: every child points at the same shards
     assert {c.data.tags["data_fingerprint"] for c in children} == {
         parent.data.tags["data_fingerprint"]
@@ -308,10 +313,10 @@ def test_ablation_trains_four_variants_as_nested_mlflow_runs(finished_ablation, 
 
 
 def test_reusing_an_ablation_name_is_refused(finished_ablation, tiny_shards, capsys):
-    _, work, uri = finished_ablation
+    _, work, uri, storage = finished_ablation
     args = ablation_pep.get_args_parser().parse_args(
         ["--data", str(tiny_shards), "--work-dir", str(work), "--tracking-uri", uri]
-        + ["--name", "abl", "--seeds", "1"]
+        + ["--name", "abl", "--seeds", "1", "--storage-path", storage]
     )
     assert ablation_pep.main(args) == 2
     assert "already exist" in capsys.readouterr().err
