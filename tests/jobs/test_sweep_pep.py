@@ -22,12 +22,15 @@ RANGES = {"alpha": (0.5, 2.0), "beta": (0.25, 4.0), "gamma": (0.3, 3.0), "delta"
 THRESHOLDS = [0.05, 0.2, 0.4]
 
 
-def _args(tiny_shards, tiny_overrides: list[str], work: Path, uri: str) -> argparse.Namespace:
+def _args(
+    tiny_shards, tiny_overrides: list[str], work: Path, uri: str, storage: str
+) -> argparse.Namespace:
     """The job's arguments: the shared tiny budget with one epoch and three thresholds."""
     overrides = tiny_overrides + ["train.epochs=1", f"eval.score_thresholds={THRESHOLDS}"]
     return sweep_pep.get_args_parser().parse_args(
         ["--config", str(ROOT / "configs" / "tiny.yaml"), "--data", str(tiny_shards)]
         + ["--work-dir", str(work), "--tracking-uri", uri, "--name", "sw"]
+        + ["--storage-path", storage]
         + ["--num-samples", "2", "--no-model", "--no-early-stop"]
         + [item for k, (lo, hi) in RANGES.items() for item in ("--range", f"{k}={lo}:{hi}")]
         + [item for o in overrides for item in ("--set", o)]
@@ -35,11 +38,12 @@ def _args(tiny_shards, tiny_overrides: list[str], work: Path, uri: str) -> argpa
 
 
 @pytest.fixture(scope="module")
-def finished_sweep(ray_session, tiny_shards, tiny_overrides, tmp_path_factory):
-    """One real sweep: 2 trials of one epoch on the tiny shards, every trial run to the end."""
+def finished_sweep(ray_session, s3_server, tiny_shards, tiny_overrides, tmp_path_factory):
+    """One real sweep: 2 trials of one epoch on the tiny shards, every trial run to the end;
+    Tune's experiment and the trials' runs on the S3 stand-in (as on a cluster)."""
     work = tmp_path_factory.mktemp("sweep")
     uri = f"sqlite:///{work / 'mlflow.db'}"
-    args = _args(tiny_shards, tiny_overrides, work, uri)
+    args = _args(tiny_shards, tiny_overrides, work, uri, f"s3://{s3_server.bucket}/sweeps")
     assert sweep_pep.main(args) == 0
     client = mlflow.MlflowClient(uri)
     experiment_id = client.get_experiment_by_name("pep").experiment_id
@@ -117,7 +121,7 @@ def test_existing_sweep_without_resume_is_refused(finished_sweep, capsys):
     assert "already exists" in capsys.readouterr().err
 
 
-def test_resume_of_a_finished_sweep_runs_no_trial_again(finished_sweep):
+def test_resume_of_a_finished_sweep_runs_no_trial_again(finished_sweep, s3_server):
     work, uri, client, parent, children, args = finished_sweep
     args = copy.copy(args)
     args.resume = True
@@ -126,8 +130,13 @@ def test_resume_of_a_finished_sweep_runs_no_trial_again(finished_sweep):
         [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
     )
     assert {r.info.run_id for r in again} == {c.info.run_id for c in children}
-    train_runs = sorted(p.name for p in (work / "sweeps" / "sw" / "train_runs").iterdir())
+    # the trials' Ray Train runs and their checkpoints, in the bucket
+    keys = s3_server.keys("sweeps/sw/train_runs/")
+    train_runs = {key.split("/")[3] for key in keys} - {""}  # "": the folder's own marker
     assert len(train_runs) == 2
+    for run in train_runs:
+        key = f"sweeps/sw/train_runs/{run}/checkpoint_epoch_0000/checkpoint.pt"
+        assert key in keys, key
 
 
 def test_a_quiet_sweep_shows_no_tune_status_tables_and_quiets_its_trials(tiny_config, tmp_path):
