@@ -83,13 +83,21 @@ def test_a_run_holds_cpus_for_its_workers_decoding_and_validation(tiny_config):
     assert cluster.local_cpus(0.5) == cores
 
 
-def test_checkpoints_load_and_existing_run_needs_resume(tiny_config, tiny_shards, tmp_path):
+def test_checkpoints_load_and_existing_run_needs_resume(
+    tiny_config, tiny_shards, s3_server, tmp_path
+):
+    """On S3 storage (the stand-in), as on a cluster: the checkpoint's URI, the refusal to
+    reuse a run name and `resume` all go through the bucket."""
+    storage = f"s3://{s3_server.bucket}/train-test"
     cfg = tiny_config("train.epochs=1")
-    run = run_training(cfg, str(tiny_shards / "train"), storage_path=str(tmp_path), name="once")
-    state = load_training_checkpoint(run.checkpoint_path)  # weights_only=True inside
+    run = run_training(cfg, str(tiny_shards / "train"), storage_path=storage, name="once")
+    assert run.checkpoint_path == f"{storage}/once/checkpoint_epoch_0000"
+    local = run.local_checkpoint(tmp_path / "dl")
+    assert local == tmp_path / "dl" / CHECKPOINT_FILE
+    state = load_training_checkpoint(local.parent)  # weights_only=True inside
     assert state["epoch"] == 0
     assert set(state) >= {"model", "optimizer", "scheduler", "epoch", "config"}
-    model, loaded_cfg = load_checkpoint(Path(run.checkpoint_path) / CHECKPOINT_FILE)
+    model, loaded_cfg = load_checkpoint(local)
     assert loaded_cfg.model.fpn_channels == 32
     assert run.result.metrics["steps"] == 6  # 12 train images / batch 2 / 1 worker
     assert run.result.metrics["torch_threads"] == cfg.train.cpus_per_worker == 1
@@ -101,16 +109,17 @@ def test_checkpoints_load_and_existing_run_needs_resume(tiny_config, tiny_shards
     )
 
     with pytest.raises(RunExistsError, match="--resume"):
-        run_training(cfg, str(tiny_shards / "train"), storage_path=str(tmp_path), name="once")
+        run_training(cfg, str(tiny_shards / "train"), storage_path=storage, name="once")
 
     # --resume with a longer schedule continues after epoch 0 instead of starting over.
     longer = tiny_config("train.epochs=2")
     resumed = run_training(
-        longer, str(tiny_shards / "train"), storage_path=str(tmp_path), name="once", resume=True
+        longer, str(tiny_shards / "train"), storage_path=storage, name="once", resume=True
     )
     assert resumed.result.metrics["epoch"] == 1
     assert resumed.result.metrics["resumed_from"] == 0
-    assert load_training_checkpoint(resumed.checkpoint_path)["epoch"] == 1
+    local = resumed.local_checkpoint(tmp_path / "dl2")
+    assert load_training_checkpoint(local.parent)["epoch"] == 1
 
 
 def _train_worker_pids() -> list[int]:
