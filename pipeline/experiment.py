@@ -9,11 +9,13 @@ loadable model.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -445,14 +447,7 @@ def train_and_evaluate(
         num_cpus=cluster.local_cpus(run_cpus(cfg, num_workers or cfg.train.num_workers, validate)),
         quiet=quiet,
     )
-    splits = resolve_data(data, cfg, work_dir)
-    if cfg.model.num_classes != splits.categories.num_classes:
-        logger.warning(
-            "model.num_classes=%d but the data has %d classes; using the data's",
-            cfg.model.num_classes,
-            splits.categories.num_classes,
-        )
-        cfg.model.num_classes = splits.categories.num_classes
+    splits = _data(data, cfg, work_dir)
     # Whether the stages ask Ray for GPUs; each task then picks the device it holds.
     gpu = resolve_use_gpu(cfg.train.use_gpu if use_gpu is None else use_gpu)
     logger.info(
@@ -474,43 +469,26 @@ def train_and_evaluate(
     }
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
-    run = _find_run(experiment_name, name) if resume else None
-    with mlflow.start_run(
-        run_id=run.info.run_id if run else None,
-        run_name=None if run else name,
-        tags=tags,
-    ) as active:
-        run_id = active.info.run_id
-        if run is None:
-            mlflow.log_params(tracking.flatten(config_to_dict(cfg)))
-        with tempfile.TemporaryDirectory() as tmp_name:
-            tmp = Path(tmp_name)
-            save_config(cfg, tmp / "config.yaml")
-            mlflow.log_artifact(str(tmp / "config.yaml"))
-
+    with _mlflow_run(cfg, experiment_name, name, tags, resume) as run_id:
         validation = (
             validation_config(cfg, splits, gpu, (run_id, tracking_uri)) if validate else None
         )
         validate_last = validation is not None and not final_evaluation_validates(cfg)
         train_start = time.perf_counter()
-        reporter = progress.EpochReporter(
-            mlflow.MlflowClient(tracking_uri), run_id, cfg.train.epochs
+        trained = _train(
+            cfg,
+            splits,
+            (run_id, tracking_uri),
+            storage_path=storage_path,
+            name=name,
+            resume=resume,
+            num_workers=num_workers,
+            gpu=gpu,
+            validation=validation,
+            validate_last=validate_last,
+            callbacks=callbacks,
+            quiet=quiet,
         )
-        with reporter:
-            trained = run_training(
-                cfg,
-                splits.train_shards,
-                storage_path=storage_path,
-                name=name,
-                resume=resume,
-                num_workers=num_workers,
-                use_gpu=gpu,
-                validation_config=validation,
-                mlflow_run=(run_id, tracking_uri),
-                callbacks=callbacks,
-                quiet=quiet,
-                validate_last=validate_last,
-            )
         train_seconds = time.perf_counter() - train_start
         checkpoint = str(trained.local_checkpoint(work_dir / "checkpoints" / name))
         unvalidated = unvalidated_epochs(
@@ -534,15 +512,7 @@ def train_and_evaluate(
         eval_seconds = time.perf_counter() - eval_start
         if validation is not None and not validate_last:
             epoch = int(trained.result.metrics.get("epoch", cfg.train.epochs - 1))
-            tracking.log_metrics_safely(
-                run_id, validation_scalars(metrics, epoch), step=epoch, tracking_uri=tracking_uri
-            )
-            logger.info(
-                "validation after epoch %d/%d (the final evaluation): segm AP %.3f",
-                epoch + 1,
-                cfg.train.epochs,
-                metrics["segm/AP"],
-            )
+            _final_evaluation_validates_last(cfg, metrics, epoch, (run_id, tracking_uri))
         eval_images = read_manifest(splits.val_shards)["counts"]["images_written"]
         mlflow.log_metrics(
             {
@@ -551,55 +521,16 @@ def train_and_evaluate(
                 "time/eval_ms_per_image": 1000 * eval_seconds / max(1, eval_images),
             }
         )
-        mlflow.log_metrics(
-            {k.replace("@", "_at_"): v for k, v in evaluate.scalar_metrics(metrics).items()}
+        model_uri = _track_results(
+            metrics,
+            per_threshold,
+            trained.checkpoint_path,
+            checkpoint,
+            splits,
+            (run_id, tracking_uri),
+            overlays=overlays,
+            log_model=log_model,
         )
-        for t, m in per_threshold.items():
-            mlflow.log_metric(
-                f"segm/AP_thr_{t:g}".replace(".", "_"), evaluate.scalar_metrics(m)["segm/AP"]
-            )
-        with tempfile.TemporaryDirectory() as tmp_name:
-            tmp = Path(tmp_name)
-            (tmp / "results.json").write_text(
-                json.dumps(
-                    {
-                        "metrics": evaluate.scalar_metrics(metrics),
-                        "per_threshold": {
-                            str(t): evaluate.scalar_metrics(m) for t, m in per_threshold.items()
-                        },
-                        "params": metrics.get("params"),
-                        "checkpoint": trained.checkpoint_path,
-                    },
-                    indent=1,
-                )
-            )
-            (tmp / "ap_table.md").write_text(
-                evaluate.format_ap_table(metrics)
-                + "\n\n"
-                + evaluate.format_recall_table(metrics)
-                + "\n"
-            )
-            mlflow.log_artifact(str(tmp / "results.json"))
-            mlflow.log_artifact(str(tmp / "ap_table.md"))
-            if metrics.get("pr_curve"):
-                evaluate.plot_pr_curve(metrics["pr_curve"], tmp / "segm_pr_curve.png")
-                mlflow.log_artifact(str(tmp / "segm_pr_curve.png"), "plots")
-            for path in _plot_training_curves(mlflow.MlflowClient(tracking_uri), run_id, tmp):
-                mlflow.log_artifact(str(path), "plots")
-            if overlays:
-                for path in _overlays(
-                    checkpoint, splits.val_shards, splits.categories, tmp / "overlays", overlays
-                ):
-                    mlflow.log_artifact(str(path), "overlays")
-        model_uri = None
-        if log_model:
-            info = tracking.log_pep_model(
-                checkpoint,
-                {k + 1: n for k, n in enumerate(splits.categories.names)},
-                input_example=_input_example(splits.val_shards),
-            )
-            model_uri = info.model_uri
-            mlflow.set_tag("model_uri", model_uri)
 
     return ExperimentSummary(
         run_id=run_id,
@@ -614,6 +545,142 @@ def train_and_evaluate(
         eval_images=eval_images,
         model_uri=model_uri,
     )
+
+
+@contextlib.contextmanager
+def _mlflow_run(
+    cfg: Config, experiment_name: str, name: str, tags: dict[str, str], resume: bool
+) -> Iterator[str]:
+    """The active MLflow run of the experiment (its id): a new one with the config's params
+    and config.yaml, or with `resume` the earlier attempt's run, continued."""
+    run = _find_run(experiment_name, name) if resume else None
+    with mlflow.start_run(
+        run_id=run.info.run_id if run else None,
+        run_name=None if run else name,
+        tags=tags,
+    ) as active:
+        if run is None:
+            mlflow.log_params(tracking.flatten(config_to_dict(cfg)))
+        with tempfile.TemporaryDirectory() as tmp_name:
+            save_config(cfg, Path(tmp_name) / "config.yaml")
+            mlflow.log_artifact(str(Path(tmp_name) / "config.yaml"))
+        yield active.info.run_id
+
+
+def _data(data: str | None, cfg: Config, work_dir: Path) -> DataSplits:
+    """The data step: `resolve_data`, and the model's classes set to the data's."""
+    splits = resolve_data(data, cfg, work_dir)
+    if cfg.model.num_classes != splits.categories.num_classes:
+        logger.warning(
+            "model.num_classes=%d but the data has %d classes; using the data's",
+            cfg.model.num_classes,
+            splits.categories.num_classes,
+        )
+        cfg.model.num_classes = splits.categories.num_classes
+    return splits
+
+
+def _train(
+    cfg: Config,
+    splits: DataSplits,
+    mlflow_run: tuple[str, str],
+    validation: ray.train.v2.api.validation_config.ValidationConfig | None,
+    validate_last: bool,
+    gpu: bool,
+    **run_kwargs: Any,
+):
+    """The train step: Ray Train (`run_training`), a progress line per epoch meanwhile."""
+    run_id, tracking_uri = mlflow_run
+    with progress.EpochReporter(mlflow.MlflowClient(tracking_uri), run_id, cfg.train.epochs):
+        return run_training(
+            cfg,
+            splits.train_shards,
+            use_gpu=gpu,
+            validation_config=validation,
+            mlflow_run=mlflow_run,
+            validate_last=validate_last,
+            **run_kwargs,
+        )
+
+
+def _final_evaluation_validates_last(
+    cfg: Config, metrics: dict[str, Any], epoch: int, mlflow_run: tuple[str, str]
+) -> None:
+    """The final evaluation stands for the last epoch's validation: its `val/...` metrics."""
+    run_id, tracking_uri = mlflow_run
+    tracking.log_metrics_safely(
+        run_id, validation_scalars(metrics, epoch), step=epoch, tracking_uri=tracking_uri
+    )
+    logger.info(
+        "validation after epoch %d/%d (the final evaluation): segm AP %.3f",
+        epoch + 1,
+        cfg.train.epochs,
+        metrics["segm/AP"],
+    )
+
+
+def _track_results(
+    metrics: dict[str, Any],
+    per_threshold: dict[float, dict[str, Any]],
+    checkpoint_uri: str,
+    checkpoint: str,
+    splits: DataSplits,
+    mlflow_run: tuple[str, str],
+    overlays: int,
+    log_model: bool,
+) -> str | None:
+    """The track step, in the active MLflow run: the final metrics, results.json, the AP
+    table, plots, overlays and (with `log_model`) the pyfunc model; returns its URI."""
+    run_id, tracking_uri = mlflow_run
+    mlflow.log_metrics(
+        {k.replace("@", "_at_"): v for k, v in evaluate.scalar_metrics(metrics).items()}
+    )
+    for t, m in per_threshold.items():
+        mlflow.log_metric(
+            f"segm/AP_thr_{t:g}".replace(".", "_"), evaluate.scalar_metrics(m)["segm/AP"]
+        )
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        (tmp / "results.json").write_text(
+            json.dumps(
+                {
+                    "metrics": evaluate.scalar_metrics(metrics),
+                    "per_threshold": {
+                        str(t): evaluate.scalar_metrics(m) for t, m in per_threshold.items()
+                    },
+                    "params": metrics.get("params"),
+                    "checkpoint": checkpoint_uri,
+                },
+                indent=1,
+            )
+        )
+        (tmp / "ap_table.md").write_text(
+            evaluate.format_ap_table(metrics)
+            + "\n\n"
+            + evaluate.format_recall_table(metrics)
+            + "\n"
+        )
+        mlflow.log_artifact(str(tmp / "results.json"))
+        mlflow.log_artifact(str(tmp / "ap_table.md"))
+        if metrics.get("pr_curve"):
+            evaluate.plot_pr_curve(metrics["pr_curve"], tmp / "segm_pr_curve.png")
+            mlflow.log_artifact(str(tmp / "segm_pr_curve.png"), "plots")
+        for path in _plot_training_curves(mlflow.MlflowClient(tracking_uri), run_id, tmp):
+            mlflow.log_artifact(str(path), "plots")
+        if overlays:
+            for path in _overlays(
+                checkpoint, splits.val_shards, splits.categories, tmp / "overlays", overlays
+            ):
+                mlflow.log_artifact(str(path), "overlays")
+    if not log_model:
+        return None
+    info = tracking.log_pep_model(
+        checkpoint,
+        {k + 1: n for k, n in enumerate(splits.categories.names)},
+        input_example=_input_example(splits.val_shards),
+    )
+    mlflow.set_tag("model_uri", info.model_uri)
+    return info.model_uri
 
 
 def unvalidated_epochs(client: mlflow.MlflowClient, run_id: str, expected: list[int]) -> list[int]:
