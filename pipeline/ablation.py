@@ -257,6 +257,66 @@ def _child_run_id(client: mlflow.MlflowClient, experiment_id: str, parent: str, 
 # ----------------------------------------------------------------------------- the matrix
 
 
+def _check_arguments(seeds: Sequence[int], max_parallel: int | None) -> None:
+    if not seeds:
+        raise AblationError("--seeds: give at least one seed")
+    if len(set(seeds)) != len(seeds):
+        raise AblationError(f"--seeds {list(seeds)}: seeds repeat")
+    if max_parallel is not None and max_parallel < 1:
+        raise AblationError(f"--max-parallel {max_parallel}: must be at least 1")
+
+
+def _runs_at_a_time(
+    base: Config,
+    num_workers: int,
+    gpu: bool,
+    validate: bool,
+    max_parallel: int | None,
+    num_runs: int,
+) -> int:
+    """`max_parallel`, or as many runs as the cluster holds (`parallel_runs`), never more."""
+    fits = parallel_runs(ray.cluster_resources(), base, num_workers, gpu, validate)
+    if max_parallel and max_parallel > fits:
+        logger.warning(
+            "--max-parallel %d: the cluster holds %d run(s) of %g CPUs at a time; running %d "
+            "(more would take the CPUs Ray Data needs to feed the trainers: they would hang)",
+            max_parallel,
+            fits,
+            run_cpus(base, num_workers, validate),
+            fits,
+        )
+    return min(max_parallel or fits, fits, num_runs)
+
+
+def _refuse_taken_names(storage_path: str, name: str, runs: list[tuple[Variant, int]]) -> None:
+    taken = [
+        run_name(name, v, s)
+        for v, s in runs
+        if run_directory_exists(storage_path, run_name(name, v, s))
+    ]
+    if taken:
+        raise RunExistsError(
+            f"ablation {name!r}: run(s) {taken} already exist in {storage_path}; choose another "
+            "--name"
+        )
+
+
+def _collect(
+    outcomes: list[RunOutcome], client: mlflow.MlflowClient, experiment_id: str, parent_id: str
+) -> None:
+    """Each outcome's child run (found by name when the run died before reporting it),
+    tagged with its variant, seed and error."""
+    for outcome in outcomes:
+        outcome.run_id = outcome.run_id or _child_run_id(
+            client, experiment_id, parent_id, outcome.run_name
+        )
+        if outcome.run_id:
+            client.set_tag(outcome.run_id, "variant", outcome.variant)
+            client.set_tag(outcome.run_id, "seed", str(outcome.seed))
+            if outcome.error:
+                client.set_tag(outcome.run_id, "error", outcome.error[:5000])
+
+
 def run_ablation(
     base: Config,
     *,
@@ -285,12 +345,7 @@ def run_ablation(
     run and the libraries' warnings, not Ray Train's and Ray Data's INFO logs.
     """
     start = time.perf_counter()
-    if not seeds:
-        raise AblationError("--seeds: give at least one seed")
-    if len(set(seeds)) != len(seeds):
-        raise AblationError(f"--seeds {list(seeds)}: seeds repeat")
-    if max_parallel is not None and max_parallel < 1:
-        raise AblationError(f"--max-parallel {max_parallel}: must be at least 1")
+    _check_arguments(seeds, max_parallel)
     work_dir = Path(work_dir).resolve()
     num_workers = num_workers or base.train.num_workers
     runs = [(v, s) for v in variants for s in seeds]
@@ -308,31 +363,12 @@ def run_ablation(
     base = config_from_dict(config_to_dict(base))  # a copy: the caller's config stays as it is
     base.model.num_classes = splits.categories.num_classes  # as every run will (from the data)
     gpu = resolve_use_gpu(base.train.use_gpu if use_gpu is None else use_gpu)
-    fits = parallel_runs(ray.cluster_resources(), base, num_workers, gpu, validate)
-    if max_parallel and max_parallel > fits:
-        logger.warning(
-            "--max-parallel %d: the cluster holds %d run(s) of %g CPUs at a time; running %d "
-            "(more would take the CPUs Ray Data needs to feed the trainers: they would hang)",
-            max_parallel,
-            fits,
-            run_cpus(base, num_workers, validate),
-            fits,
-        )
-    max_parallel = min(max_parallel or fits, fits, len(runs))
+    max_parallel = _runs_at_a_time(base, num_workers, gpu, validate, max_parallel, len(runs))
     name = name or time.strftime("ablation-%Y%m%d-%H%M%S")
     storage_path = storage_path or str(work_dir / "runs")
     if "://" not in storage_path:
         storage_path = str(Path(storage_path).resolve())
-    taken = [
-        run_name(name, v, s)
-        for v, s in runs
-        if run_directory_exists(storage_path, run_name(name, v, s))
-    ]
-    if taken:
-        raise RunExistsError(
-            f"ablation {name!r}: run(s) {taken} already exist in {storage_path}; choose another "
-            "--name"
-        )
+    _refuse_taken_names(storage_path, name, runs)
     tracking_uri = tracking.resolve_tracking_uri(tracking_uri, default_dir=work_dir)
     experiment_id = tracking.set_experiment(experiment_name, tracking_uri)
     client = mlflow.MlflowClient(tracking_uri)
@@ -398,15 +434,7 @@ def run_ablation(
             ),
         }
         outcomes = _run_all(runs, base, name, kwargs, max_parallel, options=options)
-        for outcome in outcomes:
-            outcome.run_id = outcome.run_id or _child_run_id(
-                client, experiment_id, parent_id, outcome.run_name
-            )
-            if outcome.run_id:
-                client.set_tag(outcome.run_id, "variant", outcome.variant)
-                client.set_tag(outcome.run_id, "seed", str(outcome.seed))
-                if outcome.error:
-                    client.set_tag(outcome.run_id, "error", outcome.error[:5000])
+        _collect(outcomes, client, experiment_id, parent_id)
         result = AblationResult(
             name=name,
             parent_run_id=parent_id,

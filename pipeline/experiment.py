@@ -447,7 +447,7 @@ def train_and_evaluate(
         num_cpus=cluster.local_cpus(run_cpus(cfg, num_workers or cfg.train.num_workers, validate)),
         quiet=quiet,
     )
-    splits = _data(data, cfg, work_dir)
+    splits = data_splits(data, cfg, work_dir)
     # Whether the stages ask Ray for GPUs; each task then picks the device it holds.
     gpu = resolve_use_gpu(cfg.train.use_gpu if use_gpu is None else use_gpu)
     logger.info(
@@ -567,7 +567,7 @@ def _mlflow_run(
         yield active.info.run_id
 
 
-def _data(data: str | None, cfg: Config, work_dir: Path) -> DataSplits:
+def data_splits(data: str | None, cfg: Config, work_dir: str | Path) -> DataSplits:
     """The data step: `resolve_data`, and the model's classes set to the data's."""
     splits = resolve_data(data, cfg, work_dir)
     if cfg.model.num_classes != splits.categories.num_classes:

@@ -446,14 +446,7 @@ def run_sweep(
                 f"a sweep named {name!r} already exists in {storage_path}; pass --resume to "
                 "continue it, or choose another --name"
             )
-        splits = experiment.resolve_data(data, cfg, work_dir)
-        if cfg.model.num_classes != splits.categories.num_classes:
-            logger.warning(
-                "model.num_classes=%d but the data has %d classes; using the data's",
-                cfg.model.num_classes,
-                splits.categories.num_classes,
-            )
-            cfg.model.num_classes = splits.categories.num_classes
+        splits = experiment.data_splits(data, cfg, work_dir)
         gpu = resolve_use_gpu(cfg.train.use_gpu if use_gpu is None else use_gpu)
         workers = workers_per_trial or cfg.train.num_workers
         ranges = {k: tuple(map(float, v)) for k, v in (ranges or {}).items()}
