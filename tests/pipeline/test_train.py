@@ -8,12 +8,12 @@ import signal
 import threading
 import time
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
 
 from pep_model import load_checkpoint
+from pipeline.storage import filesystem
 from pipeline.train import (
     CHECKPOINT_FILE,
     RunExistsError,
@@ -142,7 +142,7 @@ def _train_worker_pids() -> list[int]:
     return pids
 
 
-def _registered_checkpoint(run_dir: Path) -> str | None:
+def _registered_checkpoint(run_dir: str) -> str | None:
     """The checkpoint Ray Train's controller has registered for the run, if any.
 
     A checkpoint folder on storage is not enough: the worker writes it during `report`, and
@@ -150,38 +150,44 @@ def _registered_checkpoint(run_dir: Path) -> str | None:
     A worker killed in between restarts from scratch. The controller's snapshot file
     (Ray Train V2 internals) is written after registration.
     """
-    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    fs, path = filesystem(f"{run_dir}/checkpoint_manager_snapshot.json")
     try:
-        state = json.loads(snapshot.read_text())
+        with fs.open_input_stream(path) as f:
+            state = json.loads(f.read())
     except (OSError, ValueError):  # not written yet, or caught mid-write
         return None
     return (state.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
 
 
-def test_killed_worker_restarts_from_last_checkpoint(tiny_config, tiny_shards, tmp_path):
+def test_killed_worker_restarts_from_last_checkpoint(tiny_config, tiny_shards, s3_server):
+    """A worker process killed mid-run; the restarted group resumes from the last checkpoint
+    on S3 (the stand-in), as on a cluster."""
     epochs = 5
     cfg = tiny_config(f"train.epochs={epochs}", "train.max_failures=2")
+    storage = f"s3://{s3_server.bucket}/train-test"
     outcome: dict = {}
 
     def train():
         try:
             outcome["run"] = run_training(
-                cfg, str(tiny_shards / "train"), storage_path=str(tmp_path), name="killed"
+                cfg, str(tiny_shards / "train"), storage_path=storage, name="killed"
             )
         except BaseException as e:  # surfaced by the assertion below
             outcome["error"] = e
 
     thread = threading.Thread(target=train)
     thread.start()
-    run_dir = tmp_path / "killed"
+    run_dir = f"{storage}/killed"
     deadline = time.time() + 300
     while not _registered_checkpoint(run_dir) and thread.is_alive() and time.time() < deadline:
         time.sleep(0.1)
     assert _registered_checkpoint(run_dir), outcome.get("error")
     pids = _train_worker_pids()
     assert len(pids) == 1
-    last = run_dir / f"checkpoint_epoch_{epochs - 1:04d}" / CHECKPOINT_FILE
-    assert not last.exists(), "the run finished before the kill; the test needs more epochs"
+    last = f"train-test/killed/checkpoint_epoch_{epochs - 1:04d}/{CHECKPOINT_FILE}"
+    assert last not in s3_server.keys("train-test/killed/"), (
+        "the run finished before the kill; the test needs more epochs"
+    )
     os.kill(pids[0], signal.SIGKILL)  # the real worker process, mid-run
     thread.join(timeout=600)
     assert "error" not in outcome, outcome.get("error")
