@@ -157,7 +157,8 @@ def validate_checkpoint(
     try:
         with checkpoint.as_directory() as ckpt_dir:
             path = Path(ckpt_dir) / CHECKPOINT_FILE
-            epoch = int(torch.load(path, map_location="cpu", weights_only=True)["epoch"])
+            if epoch < 0:  # not a checkpoint_epoch_<i> directory: read it (the whole file)
+                epoch = int(torch.load(path, map_location="cpu", weights_only=True)["epoch"])
             metrics = inference.evaluate_checkpoint_local(
                 path,
                 val_shards,
