@@ -435,6 +435,7 @@ class PEPDeployment:
         current = self.served.info["version"]
         failed = self.last_failed_load
         if target == current:
+            self.last_failed_load = None  # the alias is back on the served version
             return False
         if failed and failed["version"] == target:
             if time.monotonic() - failed["monotonic"] < self.options.retry_failed_s:
