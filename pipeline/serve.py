@@ -576,7 +576,10 @@ def build_app(options: ServeOptions) -> serve.Application:
     return deployment.bind(options)
 
 
-def app_builder(args: ServeOptions) -> serve.Application:
+def app_builder(args: dict[str, Any] | ServeOptions) -> serve.Application:
     """`serve run pipeline.serve:app_builder model=... tracking_uri=...` (and `serve deploy`
-    configs: `import_path: pipeline.serve:app_builder`, `args: {model: ...}`)."""
+    configs: `import_path: pipeline.serve:app_builder`, `args: {model: ...}`): the args are
+    `ServeOptions` fields, validated (Serve passes them as a dict of strings)."""
+    if not isinstance(args, ServeOptions):
+        args = ServeOptions.model_validate(args)
     return build_app(args)
