@@ -23,6 +23,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument(
         "--val-fraction", type=float, default=0.2, help="share of the images that go to val/"
     )
+    parser.add_argument(
+        "--object-scale", type=float, default=1.0, help="object sizes x this (1: the original)"
+    )
+    parser.add_argument("--max-objects", type=int, default=20, help="objects per image, at most")
     return parser
 
 
@@ -36,6 +40,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         size=args.size,
         seed=args.seed,
         val_fraction=args.val_fraction,
+        object_scale=args.object_scale,
+        max_objects=args.max_objects,
     )
     elapsed = time.perf_counter() - start
     print(

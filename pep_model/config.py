@@ -143,6 +143,8 @@ class DataConfig:
     val_fraction: float = 0.2  # generated data only
     generated_images: int = 400  # generated data only
     generated_size: int = 256  # generated data only
+    generated_object_scale: float = 1.0  # generated data only: object sizes x this
+    generated_max_objects: int = 20  # generated data only: objects per image, at most
     reader_cpus: float = 0.5  # CPUs per Ray Data decode task
     # Training shards up to this size (MiB on disk, encoded) are read once and kept in Ray's
     # object store across epochs; larger ones are re-read every epoch. 0: always re-read.

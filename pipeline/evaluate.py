@@ -582,6 +582,54 @@ def recall_by_visibility(coco_eval: COCOeval, max_dets: int = COCO_MAX_DETS) -> 
     return metrics
 
 
+def best_f1_threshold(coco_eval: COCOeval) -> dict[str, float]:
+    """The score threshold that maximises F1 at mask IoU 0.5 (area "all", every detection
+    COCOeval kept: an image's first max_dets of each class).
+
+    Reads the per-image matching of an evaluated pycocotools COCOeval, as
+    `recall_by_visibility` does: every detection
+    is a true positive when COCOeval matched it to an object at IoU 0.5, a false positive
+    otherwise; detections matched to crowd regions (dtIgnore) are neither. Sweeping the
+    threshold down the sorted scores gives precision, recall and F1 at each; the best F1 is
+    returned with its threshold (the lowest score it keeps), its precision and recall:
+    `segm/F1`, `segm/F1_threshold`, `segm/F1_precision`, `segm/F1_recall`. The threshold is
+    what a person should look at (`visualize` draws at it); AP is computed without it.
+    Returns {} when nothing is detected or no object exists.
+    """
+    params = coco_eval.params
+    iou_50 = int(np.argmin(np.abs(np.asarray(params.iouThrs) - 0.5)))
+    area_all = list(params.areaRng[list(params.areaRngLbl).index("all")])
+    scores: list[float] = []
+    hits: list[bool] = []
+    objects = 0
+    for record in coco_eval.evalImgs:
+        if record is None or list(record["aRng"]) != area_all:
+            continue
+        objects += int(np.sum(~np.asarray(record["gtIgnore"], dtype=bool)))
+        kept = ~np.asarray(record["dtIgnore"][iou_50], dtype=bool)
+        scores += [float(s) for s, k in zip(record["dtScores"], kept, strict=True) if k]
+        matched = np.asarray(record["dtMatches"][iou_50])[kept] > 0
+        hits += matched.tolist()
+    if not scores or not objects:
+        return {}
+    order = np.argsort(-np.asarray(scores), kind="stable")
+    sorted_scores = np.asarray(scores)[order]
+    tp = np.cumsum(np.asarray(hits)[order])
+    precision = tp / np.arange(1, len(order) + 1)
+    recall = tp / objects
+    f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
+    # a threshold keeps every detection of its score: only the last of equal scores counts
+    last_of_score = np.append(sorted_scores[1:] != sorted_scores[:-1], True)
+    f1 = np.where(last_of_score, f1, -1.0)
+    best = int(np.argmax(f1))
+    return {
+        "segm/F1": float(f1[best]),
+        "segm/F1_threshold": float(sorted_scores[best]),
+        "segm/F1_precision": float(precision[best]),
+        "segm/F1_recall": float(recall[best]),
+    }
+
+
 def _match_at_iou_50(
     gt: COCO, results: Sequence[Mapping[str, Any]], max_dets: int, img_ids: Sequence[int] | None
 ) -> COCOeval:
@@ -610,6 +658,7 @@ def _segm_counts(
 ) -> dict[str, float]:
     """Recall by visibility from an evaluated pycocotools COCOeval, duplicates and merges."""
     metrics = recall_by_visibility(matched, max_dets)
+    metrics.update(best_f1_threshold(matched))
     metrics.update(count_duplicates_and_merges(matched.cocoGt, results, count_threshold, img_ids))
     return metrics
 

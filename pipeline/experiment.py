@@ -83,11 +83,16 @@ def resolve_data(data: str | None, cfg: Config, work_dir: str | Path) -> DataSpl
     work_dir = Path(work_dir).resolve()
     if data is None:
         d = cfg.data
-        root = (
-            work_dir
-            / "data"
-            / (f"crowded-{d.generated_images}x{d.generated_size}-seed{cfg.train.seed}")
+        scene = "".join(
+            [
+                f"-objects{d.generated_max_objects}"
+                if d.generated_max_objects != synth.MAX_OBJECTS
+                else "",
+                f"-scale{d.generated_object_scale:g}" if d.generated_object_scale != 1.0 else "",
+            ]
         )
+        name = f"crowded-{d.generated_images}x{d.generated_size}{scene}-seed{cfg.train.seed}"
+        root = work_dir / "data" / name
         if not synth.is_current(root):  # absent, or from an older generator version
             logger.info("generating the crowded-scenes dataset in %s", root)
             synth.make_dataset(
@@ -96,6 +101,8 @@ def resolve_data(data: str | None, cfg: Config, work_dir: str | Path) -> DataSpl
                 size=d.generated_size,
                 seed=cfg.train.seed,
                 val_fraction=d.val_fraction,
+                object_scale=d.generated_object_scale,
+                max_objects=d.generated_max_objects,
             )
         data_path = root
     else:
@@ -318,10 +325,32 @@ OVERLAY_MIN_SIZE = 384  # small images are drawn upscaled to this longer side
 EVAL_IN_PROCESS_MAX_IMAGES = 100
 
 
-def _overlays(checkpoint: str, val_shards: str, categories: CategoryMap, out_dir: Path, n: int):
+def display_threshold(metrics: dict[str, Any], model_threshold: float) -> tuple[float, str]:
+    """The score threshold overlays are drawn at, and how it was chosen: the one that
+    maximised F1 on val (`evaluate.best_f1_threshold`), else the model's own."""
+    if "segm/F1_threshold" in metrics:
+        return float(metrics["segm/F1_threshold"]), "best F1 on val"
+    return float(model_threshold), "model.score_threshold"
+
+
+def _overlays(
+    checkpoint: str,
+    val_shards: str,
+    categories: CategoryMap,
+    out_dir: Path,
+    n: int,
+    metrics: dict[str, Any],
+) -> list[Path]:
     """Ground truth beside the predictions on the first `n` val images (PNG files in
-    `out_dir`), upscaled by an integer factor when small so that the captions are readable."""
-    model, _ = load_checkpoint(checkpoint)
+    `out_dir`), upscaled by an integer factor when small so that the captions are readable.
+
+    The drawing keeps the predictions scoring >= `display_threshold` of the final
+    evaluation's `metrics` (its value and origin are in the panel's title); every prediction,
+    down to the model's own threshold, goes to `overlay_<image_id>.json` beside it (COCO
+    results: category, score, bbox, RLE)."""
+    model, cfg = load_checkpoint(checkpoint)
+    score_min, origin = display_threshold(metrics, cfg.model.score_threshold)
+    to_coco = {k + 1: categories.to_coco(k + 1) for k in range(categories.num_classes)}
     model.eval()
     names = {k + 1: name for k, name in enumerate(categories.names)}
     shard_files = sorted(Path(val_shards).glob("shard-*.parquet"))
@@ -345,22 +374,28 @@ def _overlays(checkpoint: str, val_shards: str, categories: CategoryMap, out_dir
         tensor = torch.from_numpy(image.copy()).permute(2, 0, 1).float() / 255
         with torch.inference_mode():
             (pred,) = model([tensor])
+        shown = (pred["scores"] >= score_min).numpy()
         predicted = visualize.draw_overlay(
             image,
-            pred["masks"].numpy(),
-            pred["labels"].tolist(),
-            pred["scores"].tolist(),
-            pred["boxes"].numpy(),
+            pred["masks"].numpy()[shown],
+            pred["labels"].numpy()[shown].tolist(),
+            pred["scores"].numpy()[shown].tolist(),
+            pred["boxes"].numpy()[shown],
             names,
             scale=scale,
         )
         panels = {
             f"ground truth ({len(keep)})": truth,
-            f"prediction ({len(pred['scores'])})": predicted,
+            f"prediction ({int(shown.sum())}), score >= {score_min:.2f}, {origin}": predicted,
         }
         path = out_dir / f"overlay_{row['image_id']}.png"
         visualize.side_by_side(panels).save(path)
-        paths.append(path)
+        everything = evaluate.predictions_to_coco_results(
+            [pred], [row["image_id"]], [(row["height"], row["width"])], to_coco
+        )
+        record = {"display_threshold": score_min, "from": origin, "predictions": everything}
+        path.with_suffix(".json").write_text(json.dumps(record))
+        paths += [path, path.with_suffix(".json")]
     return paths
 
 
@@ -670,7 +705,12 @@ def _track_results(
             mlflow.log_artifact(str(path), "plots")
         if overlays:
             for path in _overlays(
-                checkpoint, splits.val_shards, splits.categories, tmp / "overlays", overlays
+                checkpoint,
+                splits.val_shards,
+                splits.categories,
+                tmp / "overlays",
+                overlays,
+                metrics,
             ):
                 mlflow.log_artifact(str(path), "overlays")
     if not log_model:

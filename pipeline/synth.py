@@ -50,7 +50,7 @@ MIN_VISIBLE_AREA = 12
 
 _P_EMPTY = 0.03  # share of images without any object
 _P_CROWD = 0.03  # share of non-empty images with one iscrowd region
-_MAX_OBJECTS = 20
+MAX_OBJECTS = 20  # default bound on the objects per image
 _P_NEIGHBOUR = 0.12  # an object is placed against an earlier one (else uniformly)
 _P_SAME_CLASS = 0.6  # ... and then takes that neighbour's class
 # sqrt(area) ranges at size 256 for COCO's small / medium / large (32**2, 96**2 limits),
@@ -81,8 +81,14 @@ def make_dataset(
     size: int = 256,
     seed: int = 0,
     val_fraction: float = 0.2,
+    object_scale: float = 1.0,
+    max_objects: int = MAX_OBJECTS,
 ) -> dict[str, Any]:
     """Write the crowded-shapes dataset as COCO ``train`` and ``val`` splits under ``out_dir``.
+
+    ``object_scale`` multiplies every object's size (1.0: sizes scale with the image as at
+    256 px, where a third of the objects are COCO-medium); ``max_objects`` bounds the objects
+    per image (each image draws 1..max_objects). The defaults are the original scenes.
 
     Layout per split: ``<split>/annotations.json`` and ``<split>/images/*.jpg``; existing
     split folders are replaced. Every ``1/val_fraction``-th image (by index) goes to val,
@@ -95,6 +101,10 @@ def make_dataset(
         raise ValueError(f"size must be >= 32 pixels, got {size}")
     if not 0.0 <= val_fraction <= 1.0:
         raise ValueError(f"val_fraction must be within [0, 1], got {val_fraction}")
+    if object_scale <= 0:
+        raise ValueError(f"object_scale must be > 0, got {object_scale}")
+    if max_objects < 1:
+        raise ValueError(f"max_objects must be >= 1, got {max_objects}")
     out = Path(out_dir)
     split_of = [_split_of(k, val_fraction) for k in range(images)]
     summary: dict[str, Any] = {"out_dir": str(out), "size": size, "seed": seed, "splits": {}}
@@ -110,6 +120,8 @@ def make_dataset(
                 "version": GENERATOR_VERSION,
                 "size": size,
                 "seed": seed,
+                "object_scale": object_scale,
+                "max_objects": max_objects,
             },
             "licenses": [],
             "categories": [dict(c) for c in CATEGORIES],
@@ -120,7 +132,9 @@ def make_dataset(
         for index in (k for k in range(images) if split_of[k] == split):
             image_id = index + 1
             file_name = f"{image_id:06d}.jpg"
-            pixels, anns, stats = render_image(index, size=size, seed=seed)
+            pixels, anns, stats = render_image(
+                index, size=size, seed=seed, object_scale=object_scale, max_objects=max_objects
+            )
             Image.fromarray(pixels).save(
                 split_dir / "images" / file_name, quality=_JPEG_QUALITY, subsampling=0
             )
@@ -181,7 +195,11 @@ def _split_of(index: int, val_fraction: float) -> str:
 
 
 def render_image(
-    index: int, size: int = 256, seed: int = 0
+    index: int,
+    size: int = 256,
+    seed: int = 0,
+    object_scale: float = 1.0,
+    max_objects: int = MAX_OBJECTS,
 ) -> tuple[np.ndarray, list[dict[str, Any]], dict[str, int]]:
     """Draw image ``index`` of the dataset seeded with ``seed``.
 
@@ -191,12 +209,12 @@ def render_image(
     drawn objects and of those whose shape overlaps another's (``drawn``, ``overlapped``).
     """
     rng = np.random.default_rng([seed, index])
-    scale = size / 256.0
+    scale = size / 256.0 * object_scale
     pixels = _background(rng, size)  # H x W x 3 float
     owner = np.full((size, size), -1, dtype=np.int32)  # index of the shape seen at a pixel
     shapes: list[_Shape] = []
 
-    n_objects = 0 if rng.random() < _P_EMPTY else int(rng.integers(1, _MAX_OBJECTS + 1))
+    n_objects = 0 if rng.random() < _P_EMPTY else int(rng.integers(1, max_objects + 1))
     crowd_members: list[int] = []
     if n_objects and rng.random() < _P_CROWD:
         crowd_members = _paint_crowd(rng, size, scale, pixels, owner, shapes)

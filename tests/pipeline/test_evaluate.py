@@ -448,6 +448,26 @@ def test_recall_without_visible_fraction_gives_overall_recall_only(visibility_ca
     assert "R50" not in evaluate_coco(gt, results, iou_types=("bbox",), backend=backend)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_best_f1_threshold_sweeps_the_matched_scores(visibility_case, backend):
+    gt, results = visibility_case
+    metrics = evaluate_coco(gt, results, backend=backend)
+    # by score, the crowd one (0.95) aside: A hit, B's class miss (0.9); C hit, D miss (0.8);
+    # H (0.7), E (0.6), G (0.5) hits. At 0.5: 5 hits of 7 kept, 5 of 8 objects, F1 2/3.
+    assert metrics["segm/F1_threshold"] == 0.5
+    assert metrics["segm/F1"] == pytest.approx(2 / 3)
+    assert metrics["segm/F1_precision"] == pytest.approx(5 / 7)
+    assert metrics["segm/F1_recall"] == pytest.approx(5 / 8)
+    # F1 = 2 hits / (kept + objects): four more misses at G's score make 0.6 the better
+    # threshold (8/14 against 10/19)
+    h = w = 100
+    misses = [_result(1, 1, _box_mask(h, w, 40, 60, 45, 65), 0.5) for _ in range(4)]
+    worse = evaluate_coco(gt, results + misses, backend=backend)
+    assert worse["segm/F1_threshold"] == 0.6
+    assert worse["segm/F1"] == pytest.approx(4 / 7)
+    assert "segm/F1" not in evaluate_coco(gt, [], backend=backend)
+
+
 def test_recall_respects_max_dets_per_image_and_class(visibility_case):
     gt, results = visibility_case
     h = w = 100

@@ -19,7 +19,13 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from pipeline import synth
-from pipeline.synth import CATEGORIES, MIN_VISIBLE_AREA, make_dataset, trace_outline
+from pipeline.synth import (
+    CATEGORIES,
+    MIN_VISIBLE_AREA,
+    make_dataset,
+    render_image,
+    trace_outline,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 IMAGES, SMALL, SIZE = 100, 25, 256
@@ -289,7 +295,30 @@ def test_rewriting_a_folder_replaces_its_splits(tmp_path):
     )
 
 
-@pytest.mark.parametrize("kwargs", [{"images": -1}, {"size": 8}, {"val_fraction": 1.5}], ids=str)
+def test_object_scale_and_max_objects_shape_the_scenes():
+    """The knobs of the default run's scenes: bigger objects, fewer per image; the defaults
+    draw exactly the original scenes."""
+
+    def objects(**kwargs):
+        found = []
+        for index in range(24):
+            _, anns, _ = render_image(index, size=128, seed=0, **kwargs)
+            found.append([a for a in anns if not a["iscrowd"]])
+        return found
+
+    default = objects()
+    assert [len(a) for a in objects(object_scale=1.0, max_objects=20)] == [len(a) for a in default]
+    assert max(len(a) for a in objects(max_objects=3)) <= 3 < max(len(a) for a in default)
+    area = [np.median([a["area"] for a in image]) for image in default if image]
+    bigger = [np.median([a["area"] for a in image]) for image in objects(object_scale=2) if image]
+    assert np.median(bigger) > 2.5 * np.median(area)  # ~4x the area for 2x the size
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"images": -1}, {"size": 8}, {"val_fraction": 1.5}, {"object_scale": 0}, {"max_objects": 0}],
+    ids=str,
+)
 def test_bad_arguments_are_rejected(tmp_path, kwargs):
     with pytest.raises(ValueError):
         make_dataset(tmp_path, **kwargs)
