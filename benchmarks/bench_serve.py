@@ -2,21 +2,24 @@
 the same logged model, at concurrency 1, 4 and 16.
 
     python benchmarks/bench_serve.py [--model SOURCE --tracking-uri URI] [--images 16]
-        [--requests 64] [--concurrency 1 4 16] [--replicas 1] [--num-cpus 2]
+        [--requests 48] [--concurrency 1 4 16] [--replicas 2] [--num-cpus 1]
         [--max-batch-size 8] [--mlflow-workers 1] [--serve-url URL]
 
 The images are the first `--images` nuclei val images (sorted names; ../shared/data/nuclei,
 JPEGs of 256 x 256 to 1272 x 603 px), sent in turn. Each side gets `--requests` timed
 requests per concurrency level (after a warm-up pass over the images), from that many client
-threads on this machine; one server runs at a time (the Ray instance is shut down before
-`mlflow models serve` starts). Ray Serve gets the raw JPEG bytes at `/predict`; MLflow gets
+threads on this machine. Both servers are up for the whole run and measured in turn, level by
+level (an idle server takes no CPU to speak of), so that a change in the machine's load
+during the run falls on both sides. Ray Serve gets the raw JPEG bytes at `/predict`; MLflow gets
 what its scoring server takes, a `dataframe_split` JSON with the image base64-encoded, at
 `/invocations`; both with the same `params` (score_threshold, max_instances). The warm-up
 pass checks that both answer the same number of instances per image.
 
 Without `--model`, a random-init model of `configs/nuclei.yaml`'s architecture is logged in
-a temporary SQLite store (its scores are ~0.01: `--score-threshold 0` and `--max-instances
-100` give each image 100 instances to encode, close to a trained model on crowded nuclei).
+a temporary SQLite store. Its scores are all ~0.01, so `--score-threshold 0` makes each image
+send its `pre_topk` (1000) best pixels through the mask head and `--max-instances 100` keeps
+100 instances to encode: a heavy case, where most of an image's time goes to per-candidate
+work that a batch does not share (only the backbone, FPN and heads run batched).
 `--serve-url` measures a Ray Serve app that already runs (the tests do) instead of starting
 one. Prints p50/p99 latency and images/s per side and level, and the ratios.
 """
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import json
 import os
 import platform
@@ -54,12 +58,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tracking-uri", default=None, help="MLflow store of --model")
     parser.add_argument("--data", default=str(DEFAULT_IMAGES), help="folder of JPEG images")
     parser.add_argument("--images", type=int, default=16, help="first N images (sorted)")
-    parser.add_argument("--requests", type=int, default=64, help="timed requests per level")
+    parser.add_argument("--requests", type=int, default=48, help="timed requests per level")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--score-threshold", type=float, default=0.0)
     parser.add_argument("--max-instances", type=int, default=100)
-    parser.add_argument("--replicas", type=int, default=1, help="Ray Serve replicas")
-    parser.add_argument("--num-cpus", type=float, default=2, help="CPUs (threads) per replica")
+    parser.add_argument("--replicas", type=int, default=2, help="Ray Serve replicas")
+    parser.add_argument("--num-cpus", type=float, default=1, help="CPUs (threads) per replica")
     parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--batch-wait-timeout-s", type=float, default=0.01)
     parser.add_argument("--mlflow-workers", type=int, default=1, help="uvicorn workers")
@@ -156,19 +160,21 @@ def mlflow_sender(url: str, params: dict):
     return send
 
 
-def measure(send, images: list[bytes], args: argparse.Namespace) -> tuple[list[int], list[dict]]:
-    """(instances per image from the warm-up pass, one result per concurrency level)."""
+def warm_up(send, images: list[bytes]) -> list[int]:
+    """One pass over the images: instances per image (the two servers must agree)."""
     session = requests.Session()
-    counts = [send(session, image) for image in images]
-    return counts, [run_load(send, images, args.requests, c) for c in args.concurrency]
+    return [send(session, image) for image in images]
 
 
 # ----------------------------------------------------------------------------- servers
 
 
-def measure_ray_serve(model: str, tracking_uri: str | None, images, args, params):
+@contextlib.contextmanager
+def ray_serve_app(model: str, tracking_uri: str | None, args, params):
+    """A sender to the Ray Serve app (`--serve-url`, else one started on a new local Ray)."""
     if args.serve_url:
-        return measure(serve_sender(args.serve_url.rstrip("/"), params), images, args)
+        yield serve_sender(args.serve_url.rstrip("/"), params)
+        return
     import ray
     from ray import serve
 
@@ -192,13 +198,15 @@ def measure_ray_serve(model: str, tracking_uri: str | None, images, args, params
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(options), name=APP_NAME, route_prefix="/")
-        return measure(serve_sender(f"http://127.0.0.1:{port}", params), images, args)
+        yield serve_sender(f"http://127.0.0.1:{port}", params)
     finally:
         serve.shutdown()
         ray.shutdown()
 
 
-def measure_mlflow(model: str, tracking_uri: str | None, images, args, params):
+@contextlib.contextmanager
+def mlflow_models_serve(model: str, tracking_uri: str | None, args, params):
+    """A sender to `mlflow models serve -m MODEL --env-manager local` on a free port."""
     port = _free_port()
     bin_dir = str(Path(sys.executable).parent)  # MLflow starts `uvicorn` through the shell
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
@@ -223,7 +231,7 @@ def measure_mlflow(model: str, tracking_uri: str | None, images, args, params):
                     log.seek(0)
                     raise RuntimeError(f"mlflow models serve did not start:\n{log.read()[-3000:]}")
                 time.sleep(0.5)
-            return measure(mlflow_sender(url, params), images, args)
+            yield mlflow_sender(url, params)
         finally:
             process.terminate()
             process.wait(timeout=30)
@@ -268,18 +276,24 @@ def main(args: argparse.Namespace) -> dict:
         raise SystemExit(f"no JPEG images in {args.data}")
     images = [f.read_bytes() for f in files]
     params = {"score_threshold": args.score_threshold, "max_instances": args.max_instances}
-    with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
+    servers = {"Ray Serve": ray_serve_app}
+    if not args.skip_mlflow:
+        servers["mlflow models serve"] = mlflow_models_serve
+    with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp, contextlib.ExitStack() as up:
         model, tracking_uri = args.model, args.tracking_uri
         if model is None:
             model, tracking_uri = random_model(Path(args.work or tmp))
-        counts, sides = {}, {}
-        counts["Ray Serve"], sides["Ray Serve"] = measure_ray_serve(
-            model, tracking_uri, images, args, params
-        )
-        if not args.skip_mlflow:
-            counts["mlflow models serve"], sides["mlflow models serve"] = measure_mlflow(
-                model, tracking_uri, images, args, params
-            )
+        # both up at once; each level measured on one, then on the other (alternating, so
+        # that a change of the machine's load during the run falls on both sides)
+        senders = {
+            name: up.enter_context(start(model, tracking_uri, args, params))
+            for name, start in servers.items()
+        }
+        counts = {name: warm_up(send, images) for name, send in senders.items()}
+        sides: dict[str, list[dict]] = {name: [] for name in senders}
+        for concurrency in args.concurrency:
+            for name, send in senders.items():
+                sides[name].append(run_load(send, images, args.requests, concurrency))
     agree = len({tuple(c) for c in counts.values()}) == 1
     print(report(sides, args, len(images)))
     print(f"\ninstances per image (warm-up pass): {counts['Ray Serve']}"

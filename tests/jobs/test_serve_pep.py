@@ -303,6 +303,23 @@ def test_unknown_model_at_start_up_exits_2_with_the_reason(models, capsys, tmp_p
         assert err.startswith(f"error: {source}") and reason in err, err
 
 
+def test_serve_run_app_builder_takes_string_args(models):
+    """`serve run pipeline.serve:app_builder model=... max_batch_size=2` passes a dict of
+    strings; it is validated into ServeOptions and the model source checked."""
+    from ray import serve
+
+    from pipeline.predict import ModelSourceError
+    from pipeline.serve import app_builder
+
+    args = {"model": f"models:/{MODEL_NAME}@champion", "tracking_uri": models.uri}
+    app = app_builder({**args, "max_batch_size": "2", "use_gpu": "false"})
+    assert isinstance(app, serve.Application)
+    with pytest.raises(ModelSourceError, match="nope"):
+        app_builder({**args, "model": f"models:/{MODEL_NAME}@nope"})
+    with pytest.raises(ValueError, match="max_batch_size"):
+        app_builder({**args, "max_batch_size": "0"})
+
+
 # ----------------------------------------------------------------------------- page
 
 
