@@ -320,6 +320,27 @@ def test_serve_run_app_builder_takes_string_args(models):
         app_builder({**args, "max_batch_size": "0"})
 
 
+def test_gpu_replicas_and_autoscaling_bounds_reach_the_deployment(models):
+    """--use-gpu true: one GPU per replica (decided here, not from this CPU machine);
+    --min/--max-replicas apart: Serve's autoscaling between them; the queue bounds."""
+    from pipeline.serve import ServeOptions, build_app
+
+    options = ServeOptions(model=f"models:/{MODEL_NAME}@champion", tracking_uri=models.uri,
+                           use_gpu="true", num_cpus=2, min_replicas=1, max_replicas=3,
+                           target_ongoing_requests=4, max_ongoing_requests=12,
+                           max_queued_requests=20)  # fmt: skip
+    deployment = build_app(options)._bound_deployment
+    assert deployment.ray_actor_options == {"num_cpus": 2, "num_gpus": 1}
+    config = deployment._deployment_config
+    autoscaling = config.autoscaling_config
+    assert (autoscaling.min_replicas, autoscaling.max_replicas) == (1, 3)
+    assert autoscaling.target_ongoing_requests == 4
+    assert (config.max_ongoing_requests, config.max_queued_requests) == (12, 20)
+    fixed = build_app(options.model_copy(update={"use_gpu": "false", "max_replicas": 1}))
+    assert fixed._bound_deployment.ray_actor_options["num_gpus"] == 0
+    assert fixed._bound_deployment._deployment_config.num_replicas == 1
+
+
 # ----------------------------------------------------------------------------- page
 
 
