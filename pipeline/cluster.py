@@ -28,6 +28,8 @@ TOKEN_AUTH_NOTICE = (
     "Token authentication is disabled for this Ray cluster.",
 )
 
+logger = logging.getLogger(__name__)
+
 
 def init_ray(num_cpus: int | None = None, quiet: bool = False) -> bool:
     """Join RAY_ADDRESS (e.g. under `ray job submit`), else start a local instance.
@@ -49,6 +51,7 @@ def init_ray(num_cpus: int | None = None, quiet: bool = False) -> bool:
         return False
     if os.environ.get("RAY_ADDRESS"):
         ray.init()
+        _log_resources("joined")
         return False
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -70,7 +73,21 @@ def init_ray(num_cpus: int | None = None, quiet: bool = False) -> bool:
         # the driver's `ray` logger ("Started a local Ray instance. View the dashboard at ...")
         logging_level=QUIET_LEVEL if quiet else logging.INFO,
     )
+    _log_resources("local")
     return quiet
+
+
+def _log_resources(how: str) -> None:
+    """One line on the Ray instance the job runs on: what it has now (an autoscaling cluster
+    may add nodes later; `devices.resolve_use_gpu` looks at those too)."""
+    total = ray.cluster_resources()
+    logger.info(
+        "Ray (%s): %g CPUs, %g GPUs on %d node(s)",
+        how,
+        total.get("CPU", 0),
+        total.get("GPU", 0),
+        len([n for n in ray.nodes() if n.get("Alive")]),
+    )
 
 
 def local_cpus(run_cpus: float) -> int:

@@ -152,7 +152,10 @@ def mlflow_server(s3_server, tmp_path_factory):
          "--port", str(port), "--workers", "1",
          "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
          "--artifacts-destination", f"s3://{S3_BUCKET}/mlflow-artifacts"],
-        env={**os.environ, **s3_server.env}, stdout=log, stderr=subprocess.STDOUT,
+        # no job runner: its ~8 huey consumer processes (MLflow's GenAI jobs, unused here)
+        # cost ~20 s of CPU at start and poll for the whole session
+        env={**os.environ, **s3_server.env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+        stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
     uri = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120

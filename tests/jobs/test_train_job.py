@@ -27,19 +27,29 @@ def _sets(overrides: list[str]) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def finished_job(gpu_head_ray, tiny_coco, tiny_overrides, tmp_path_factory):
-    """One real run of the job on the tiny generated COCO folder (prepared on the fly), on a
-    Ray that declares a GPU this machine lacks, with `--use-gpu false`: every stage must then
-    run on the CPU, validation beside training included (it took the cluster's GPU for its own
-    and failed, silently, before)."""
+def job_console(gpu_head_ray, tiny_coco, tiny_overrides, user_shell_env, tmp_path_factory):
+    """One real run of the job, as a user starts it, with `--verbose`: a fresh process on the
+    tiny generated COCO folder (prepared on the fly) that starts its own local Ray. That Ray
+    declares a GPU this machine lacks (`RAY_OVERRIDE_RESOURCES`, as a GPU cluster looks from
+    its CPU head), and the job runs with `--use-gpu false`: every stage must then run on the
+    CPU, validation beside training included (it took the cluster's GPU for its own and
+    failed, silently, before). Returns the work folder, the tracking URI and the console."""
     work = tmp_path_factory.mktemp("job")
     uri = f"sqlite:///{work / 'mlflow.db'}"
-    args = train_pep.get_args_parser().parse_args(
-        ["--data", str(tiny_coco), "--work-dir", str(work), "--tracking-uri", uri, "--name", "job"]
-        + ["--use-gpu", "false"]
-        + _sets(tiny_overrides)
-    )
-    assert train_pep.main(args) == 0
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "jobs" / "train_pep.py"), "--data", str(tiny_coco),
+         "--work-dir", str(work), "--tracking-uri", uri, "--name", "job", "--use-gpu", "false",
+         "--verbose"] + _sets(tiny_overrides),
+        cwd=work, env={**user_shell_env, "RAY_OVERRIDE_RESOURCES": '{"GPU": 1}'},
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return work, uri, done.stdout + done.stderr
+
+
+@pytest.fixture(scope="module")
+def finished_job(job_console):
+    work, uri, _ = job_console
     client = mlflow.MlflowClient(uri)
     (run,) = client.search_runs(
         [client.get_experiment_by_name("pep").experiment_id], "tags.ray_run_name = 'job'"
@@ -76,7 +86,21 @@ def test_run_records_config_metrics_tags_and_artifacts(finished_job):
         "plots/curves.json",
         "plots/segm_pr_curve.png",
     }
-    assert len(client.list_artifacts(run.info.run_id, "overlays")) == 4
+    overlays = sorted(a.path for a in client.list_artifacts(run.info.run_id, "overlays"))
+    assert len(overlays) == 8 and {Path(p).suffix for p in overlays} == {".json", ".png"}
+    # each drawing's full prediction set beside it; the drawing keeps the best-F1 threshold
+    record = json.loads(
+        Path(client.download_artifacts(run.info.run_id, overlays[0], str(work))).read_text()
+    )
+    if "segm/F1_threshold" in run.data.metrics:  # a 3-epoch tiny model may detect nothing
+        assert record["from"] == "best F1 on val"
+        assert record["display_threshold"] == run.data.metrics["segm/F1_threshold"]
+    else:
+        assert (record["from"], record["display_threshold"]) == ("model.score_threshold", 0.05)
+    for prediction in record["predictions"]:
+        assert prediction["score"] >= 0.05 and prediction["image_id"] == int(
+            Path(overlays[0]).stem.split("_")[1]
+        )
     # the AP table in MLflow is the one in results.json
     results = json.loads(
         Path(client.download_artifacts(run.info.run_id, "results.json", str(work))).read_text()
@@ -209,8 +233,10 @@ def test_plots_cover_every_epoch_of_the_run(finished_job):
 
 def test_overlays_show_ground_truth_beside_the_prediction_upscaled(finished_job):
     work, uri, client, run = finished_job
-    (first, *_) = client.list_artifacts(run.info.run_id, "overlays")
-    with Image.open(client.download_artifacts(run.info.run_id, first.path, str(work))) as im:
+    first = next(
+        a.path for a in client.list_artifacts(run.info.run_id, "overlays") if a.path.endswith("png")
+    )
+    with Image.open(client.download_artifacts(run.info.run_id, first, str(work))) as im:
         overlay = np.asarray(im.convert("RGB"), dtype=int)
     # two 96 px images drawn 4x (384 px) side by side under a 16 px title strip
     assert overlay.shape == (16 + 384, 384 + 6 + 384, 3)
@@ -262,9 +288,10 @@ def test_console_shows_our_lines_not_rays_by_default(console):
 
 
 @pytest.mark.slow
-def test_verbose_keeps_rays_own_lines(console):
-    text = console("--verbose")
-    assert "epoch 1/1  loss" in text
+def test_verbose_keeps_rays_own_lines(job_console):
+    _, _, text = job_console
+    assert f"epoch {EPOCHS}/{EPOCHS}  loss" in text
+    assert " CPUs, 1 GPUs on 1 node(s)" in text  # its local Ray declares a GPU it lacks
     for line in (
         "Token authentication is",
         "Started a local Ray instance",

@@ -97,7 +97,17 @@ def test_model_requirements_are_pinned_not_inferred(logged):
         assert f"{name}=={version(name)}" in lines
 
 
-def test_model_loads_in_a_fresh_process_without_unpickling(logged, load_pyfunc_fresh, tmp_path):
+@pytest.fixture(scope="module")
+def fresh_default_load(logged, load_pyfunc_fresh, tmp_path_factory):
+    """The logged model loaded in a fresh process and run on one image without params."""
+    return load_pyfunc_fresh(
+        logged.uri, logged.model_uri, logged.image, cwd=tmp_path_factory.mktemp("fresh")
+    )
+
+
+def test_model_loads_in_a_fresh_process_without_unpickling(
+    logged, load_pyfunc_fresh, fresh_default_load, tmp_path
+):
     done, report = load_pyfunc_fresh(
         logged.uri, "models:/pep@champion", logged.image, ZERO_THRESHOLD, cwd=tmp_path
     )
@@ -115,13 +125,15 @@ def test_model_loads_in_a_fresh_process_without_unpickling(logged, load_pyfunc_f
         assert 0 <= row["x0"] <= row["x1"] < 96 and 0 <= row["y0"] <= row["y1"] < 96
         assert row["mask_rle"] and row["score"] > 0
     # without params: the checkpoint's own settings (max_instances 2)
-    done, report = load_pyfunc_fresh(logged.uri, logged.model_uri, logged.image, cwd=tmp_path)
+    done, report = fresh_default_load
     assert done.returncode == 0, done.stderr[-3000:]
     assert len(report["rows"]) == 2
     assert all(row["score"] >= 0.001 for row in report["rows"])
 
 
-def test_model_pickled_by_earlier_versions_still_loads(logged, load_pyfunc_fresh, tmp_path):
+def test_model_pickled_by_earlier_versions_still_loads(
+    logged, load_pyfunc_fresh, fresh_default_load, tmp_path
+):
     """Models logged before models-from-code keep working: MLflow unpickles their wrapper
     (by default; `MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false` refuses with its own message),
     predict_pep/evaluate_pep read only their checkpoint. Their signature has no params, so
@@ -130,7 +142,7 @@ def test_model_pickled_by_earlier_versions_still_loads(logged, load_pyfunc_fresh
         logged.uri, logged.pickled_uri, logged.image, refuse_pickle=False
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    _, current = load_pyfunc_fresh(logged.uri, logged.model_uri, logged.image)
+    _, current = fresh_default_load
     assert report["rows"] == current["rows"] and len(report["rows"]) == 2  # same checkpoint
     # the fresh-process check above does catch unpickling: it refuses the pickled model
     done, _ = load_pyfunc_fresh(logged.uri, logged.pickled_uri, logged.image)
