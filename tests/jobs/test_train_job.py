@@ -27,7 +27,7 @@ def _sets(overrides: list[str]) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def job_console(gpu_head_ray, tiny_coco, tiny_overrides, user_shell_env, tmp_path_factory):
+def job_console(tiny_coco, tiny_overrides, user_shell_env, tmp_path_factory):
     """One real run of the job, as a user starts it, with `--verbose`: a fresh process on the
     tiny generated COCO folder (prepared on the fly) that starts its own local Ray. That Ray
     declares a GPU this machine lacks (`RAY_OVERRIDE_RESOURCES`, as a GPU cluster looks from
@@ -116,7 +116,7 @@ def test_run_records_config_metrics_tags_and_artifacts(finished_job):
 
 
 def test_validation_asks_for_a_gpu_of_its_own_and_a_failure_is_said_out_loud(
-    finished_job, tiny_coco, tiny_config, caplog
+    gpu_head_ray, finished_job, tiny_coco, tiny_config, caplog
 ):
     """A validation task of a GPU run asks Ray for a GPU; here Ray assigns it the declared one
     and torch finds no CUDA, a real failure. It must reach the log, the MLflow run (metric and
