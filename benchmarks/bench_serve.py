@@ -242,7 +242,7 @@ def mlflow_models_serve(model: str, tracking_uri: str | None, args, params):
 
 def report(sides: dict[str, list[dict]], args: argparse.Namespace, n_images: int) -> str:
     lines = [
-        f"{n_images} nuclei val images, {args.requests} requests per level, params "
+        f"{n_images} images of {args.data}, {args.requests} requests per level, params "
         f"score_threshold={args.score_threshold} max_instances={args.max_instances}; "
         f"Ray Serve: {args.replicas} replica(s) x {args.num_cpus:g} CPU(s), max_batch_size "
         f"{args.max_batch_size}, wait {args.batch_wait_timeout_s} s; mlflow models serve: "
