@@ -100,12 +100,16 @@ def resolve_checkpoint(value: str, tracking_uri: str | None = None) -> Path:
     return checkpoint
 
 
-def resolve_shards(args: argparse.Namespace, checkpoint: Path) -> Path:
-    """`--data` as a shards folder; a COCO JSON is prepared at the checkpoint's max_size."""
+def resolve_shards(args: argparse.Namespace, checkpoint: Path) -> Path | str:
+    """`--data` as a shards folder (or URI); a COCO JSON is prepared at the checkpoint's
+    max_size."""
     from pep_model import read_checkpoint
+    from pipeline import storage
     from pipeline.inference import InferenceError
     from pipeline.prepare import PrepareConfig, prepare
 
+    if storage.is_uri(args.data):  # shards on cloud storage, read where they are
+        return args.data
     data = Path(args.data)
     if data.is_dir():
         return data

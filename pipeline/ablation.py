@@ -30,7 +30,7 @@ import ray.train
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pep_model import Config, config_from_dict, config_to_dict, save_config
-from pipeline import cli, cluster, evaluate, experiment, tracking
+from pipeline import cli, cluster, evaluate, experiment, storage, tracking
 from pipeline.devices import resolve_use_gpu
 from pipeline.train import RunExistsError, run_cpus, run_directory_exists
 
@@ -354,8 +354,8 @@ def run_ablation(
     else:
         quiet = False  # a Ray started elsewhere keeps its own logging
     splits = experiment.resolve_data(data, base, work_dir)  # once, before any run
-    shards_root = Path(splits.train_shards).parent
-    if Path(splits.val_shards).parent != shards_root:
+    shards_root = storage.parent(splits.train_shards)
+    if storage.parent(splits.val_shards) != shards_root:
         raise experiment.DataError(
             f"{splits.train_shards} and {splits.val_shards}: train/ and val/ shards must share "
             "one root to be passed to the runs"

@@ -23,16 +23,25 @@ from typing import Any
 import mlflow
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 import ray
 import torch
 from PIL import Image
 
 from pep_model import Config, config_to_dict, load_checkpoint, save_config
-from pipeline import cluster, evaluate, inference, progress, synth, tracking, visualize
+from pipeline import (
+    cluster,
+    evaluate,
+    inference,
+    progress,
+    reader,
+    storage,
+    synth,
+    tracking,
+    visualize,
+)
 from pipeline.coco import CategoryMap, decode_rles
 from pipeline.devices import resolve_use_gpu
-from pipeline.prepare import PrepareConfig, prepare, read_manifest
+from pipeline.prepare import PrepareConfig, PrepareError, ground_truth, prepare, read_manifest
 from pipeline.train import CHECKPOINT_FILE, VALIDATION_CPUS, run_cpus, run_training
 
 logger = logging.getLogger(__name__)
@@ -48,7 +57,7 @@ class DataSplits:
 
     train_shards: str
     val_shards: str
-    val_annotations: str  # the original COCO JSON of the val split (ground truth)
+    val_annotations: str  # the val split's COCO JSON (ground truth; a URI beside cloud shards)
     categories: CategoryMap
     fingerprint: str  # identifies the evaluation set (val source fingerprint)
     source: str
@@ -76,7 +85,8 @@ def resolve_data(data: str | None, cfg: Config, work_dir: str | Path) -> DataSpl
     """Shards for train/val from `--data` (shards root or COCO folder) or the generated default.
 
     - None: the crowded-scenes generator writes `work_dir/data/crowded-...` once.
-    - a folder with `train/manifest.json` and `val/manifest.json`: used as is.
+    - a folder with `train/manifest.json` and `val/manifest.json`: used as is; also a URI
+      (`s3://bucket/shards`, shards written there by `prepare_coco.py --out s3://...`).
     - a COCO folder with `train/annotations.json` + `train/images` (and `val/`): prepared
       into `work_dir/shards/<name>-<max_size>/{train,val}` (reused when unchanged).
     """
@@ -105,6 +115,8 @@ def resolve_data(data: str | None, cfg: Config, work_dir: str | Path) -> DataSpl
                 max_objects=d.generated_max_objects,
             )
         data_path = root
+    elif storage.is_uri(data):
+        return _remote_splits(data.rstrip("/"))
     else:
         data_path = Path(data).resolve()
     if (data_path / "train" / "manifest.json").is_file():
@@ -128,15 +140,34 @@ def resolve_data(data: str | None, cfg: Config, work_dir: str | Path) -> DataSpl
             f"{data_path}: expected shards (train/manifest.json, val/manifest.json) or a COCO "
             "folder (train/annotations.json + train/images, val/...)"
         )
+    return _splits(str(train), str(val), str(data_path))
+
+
+def _splits(train: str, val: str, source: str) -> DataSplits:
     val_manifest = read_manifest(val)
     return DataSplits(
-        train_shards=str(train),
-        val_shards=str(val),
-        val_annotations=val_manifest["source"]["annotations"],
+        train_shards=train,
+        val_shards=val,
+        val_annotations=ground_truth(val, val_manifest),
         categories=CategoryMap.from_dict(val_manifest["categories"]),
         fingerprint=val_manifest["source"]["fingerprint"],
-        source=str(data_path),
+        source=source,
     )
+
+
+def _remote_splits(data: str) -> DataSplits:
+    """train/ and val/ shards under a URI; a COCO folder there is refused (prepare it)."""
+    train, val = storage.join(data, "train"), storage.join(data, "val")
+    for split in (train, val):
+        try:
+            read_manifest(split)
+        except PrepareError as e:
+            raise DataError(
+                f"{data}: expected train/ and val/ shards there ({e}); a COCO folder on cloud "
+                "storage is not read directly: shard it with `jobs/prepare_coco.py --out "
+                f"{split}`"
+            ) from None
+    return _splits(train, val, data)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -353,9 +384,9 @@ def _overlays(
     to_coco = {k + 1: categories.to_coco(k + 1) for k in range(categories.num_classes)}
     model.eval()
     names = {k + 1: name for k, name in enumerate(categories.names)}
-    shard_files = sorted(Path(val_shards).glob("shard-*.parquet"))
     columns = ["image_id", "image", "height", "width", "labels", "boxes", "iscrowd", "masks"]
-    table = pq.read_table(shard_files[0], columns=columns).slice(0, n)
+    first = storage.open_parquet(reader.shard_files(val_shards)[0])
+    table = first.read_row_group(0, columns=columns).slice(0, n)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for row in table.to_pylist():
@@ -401,8 +432,8 @@ def _overlays(
 
 def _input_example(val_shards: str) -> pd.DataFrame:
     """One encoded val image, the logged model's input example."""
-    shard = sorted(Path(val_shards).glob("shard-*.parquet"))[0]
-    row = pq.read_table(shard, columns=["image"]).slice(0, 1).to_pylist()[0]
+    first = storage.open_parquet(reader.shard_files(val_shards)[0])
+    row = first.read_row_group(0, columns=["image"]).slice(0, 1).to_pylist()[0]
     return pd.DataFrame({"image": [row["image"]]})
 
 

@@ -34,13 +34,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 import ray
 import torch
 from PIL import Image
 
 import pep_model
 from pep_model import Config, ModelConfig
+from pipeline import storage
 from pipeline.coco import CategoryMap
 from pipeline.devices import holds_gpu, local_device, resolve_use_gpu
 from pipeline.evaluate import (
@@ -50,7 +50,7 @@ from pipeline.evaluate import (
     evaluate_thresholds,
     predictions_to_coco_results,
 )
-from pipeline.prepare import read_manifest
+from pipeline.prepare import PrepareError, ground_truth, read_manifest
 from pipeline.reader import open_shards, shard_files
 
 logger = logging.getLogger(__name__)
@@ -314,11 +314,14 @@ def _shards_setup(
     manifest = read_manifest(shards_dir)
     to_coco = as_coco_map(CategoryMap.from_dict(manifest["categories"]))
     if gt_annotations is None:
-        source = manifest.get("source", {}).get("annotations")
-        if not source:
-            raise InferenceError(f"{shards_dir}: the manifest names no source annotation file")
-        gt_annotations = source
-    gt_path = Path(gt_annotations)
+        try:
+            gt_annotations = ground_truth(shards_dir, manifest)
+        except PrepareError as e:
+            raise InferenceError(str(e)) from None
+    try:
+        gt_path = storage.local_file(gt_annotations)  # a URI: downloaded once per machine
+    except (OSError, ValueError) as e:
+        raise InferenceError(f"{gt_annotations}: ground-truth annotation file: {e}") from None
     if not gt_path.is_file():
         raise InferenceError(
             f"{gt_path}: ground-truth annotation file not found (pass it explicitly when the "
@@ -461,7 +464,7 @@ def _local_rows(
     """Shard rows in batches, in shard order; only the first `max_images` when given."""
     left = max_images if max_images else None
     for path in shard_files(shards_dir):
-        parquet = pq.ParquetFile(path)
+        parquet = storage.open_parquet(path)
         for record_batch in parquet.iter_batches(batch_size=batch_size, columns=INFERENCE_COLUMNS):
             if left is not None:
                 record_batch = record_batch.slice(0, left)

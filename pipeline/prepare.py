@@ -51,12 +51,19 @@ folder's file list with sizes and mtimes) and config reuses the shards; `force=T
 rebuilds. Shards are written to a temporary sibling folder that replaces `out_dir` only
 when complete, so an interrupted run never leaves a half-valid `out_dir`.
 
-`out_dir` must be on a filesystem that every Ray node writes to (local for one machine).
+`out_dir` is a folder every Ray node writes to (local for one machine) or a cloud URI
+(`s3://bucket/shards/train`, the endpoint from `AWS_ENDPOINT_URL` as AWS tools read it).
+On cloud storage the shards are written to a temporary sibling prefix, then moved into
+place with the manifest last (object stores have no folder rename): a folder without its
+manifest is never taken for shards. The ground truth travels with them there
+(`annotations.json`, named by the manifest's `source.annotations_copy`), so that any node
+can score predictions on them (`ground_truth`).
 """
 
 from __future__ import annotations
 
 import collections
+import fnmatch
 import hashlib
 import io
 import json
@@ -71,6 +78,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.fs
 import pyarrow.parquet as pq
 import ray
 from PIL import Image
@@ -78,6 +86,7 @@ from pycocotools import mask as mask_utils
 from ray.data.datasource import FilenameProvider, SaveMode
 from ray.data.expressions import col
 
+from pipeline import storage
 from pipeline.coco import (
     AnnotationError,
     CocoFormatError,
@@ -96,6 +105,7 @@ logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+GROUND_TRUTH_COPY = "annotations.json"  # beside shards on cloud storage
 SHARD_PATTERN = "shard-*.parquet"
 
 SHARD_SCHEMA = pa.schema(
@@ -146,7 +156,7 @@ class PrepareConfig:
 class PrepareResult:
     """What prepare() did: where the shards are, their manifest, and whether it reused them."""
 
-    out_dir: Path
+    out_dir: Path | str  # a local folder or a URI, as given
     manifest: dict[str, Any]
     reused: bool
     seconds: float
@@ -174,23 +184,37 @@ def fingerprint_source(annotations: str | os.PathLike, images_dir: str | os.Path
 
 
 def read_manifest(shards_dir: str | os.PathLike) -> dict[str, Any]:
-    """The manifest of a shards folder; `PrepareError` when there is none."""
-    path = Path(shards_dir) / MANIFEST_NAME
+    """The manifest of a shards folder (local or a URI); `PrepareError` when there is none."""
+    path = storage.join(shards_dir, MANIFEST_NAME)
     try:
-        return json.loads(path.read_text())
+        return json.loads(storage.read_text(path))
     except FileNotFoundError:
         raise PrepareError(f"{path}: no manifest (not a shards folder, run prepare)") from None
     except json.JSONDecodeError as e:
         raise PrepareError(f"{path}: corrupt manifest: {e}") from None
+    except (OSError, ValueError) as e:
+        raise PrepareError(f"{path}: cannot read the manifest: {e}") from None
+
+
+def ground_truth(shards_dir: str | os.PathLike, manifest: dict[str, Any] | None = None) -> str:
+    """The COCO annotation file the shards were made from: the copy stored beside shards on
+    cloud storage, else the source file prepare read (a path on the machine that ran it)."""
+    source = (manifest or read_manifest(shards_dir)).get("source", {})
+    if source.get("annotations_copy"):
+        return storage.join(shards_dir, source["annotations_copy"])
+    if not source.get("annotations"):
+        raise PrepareError(f"{shards_dir}: the manifest names no source annotation file")
+    return source["annotations"]
 
 
 def _reuse_problem(
-    out_dir: Path, fingerprint: str, config: PrepareConfig, force: bool
+    out_dir: Path | str, fingerprint: str, config: PrepareConfig, force: bool
 ) -> str | None:
     """Why the shards in `out_dir` cannot be reused (None when they can)."""
     if force:
         return "--force given"
-    if not (out_dir / MANIFEST_NAME).exists():
+    fs, path = storage.filesystem(out_dir)
+    if fs.get_file_info(storage.join(path, MANIFEST_NAME)).type != pyarrow.fs.FileType.File:
         return "no previous shards"
     try:
         manifest = read_manifest(out_dir)
@@ -202,18 +226,26 @@ def _reuse_problem(
         return "input changed (annotation file or image folder)"
     if manifest.get("config") != asdict(config):
         return f"config changed ({manifest.get('config')} -> {asdict(config)})"
-    for shard in manifest.get("shards", []):
-        path = out_dir / shard["file"]
-        if not path.is_file() or path.stat().st_size != shard["bytes"]:
-            return f"shard {shard['file']} missing or modified"
+    expected = {shard["file"]: shard["bytes"] for shard in manifest.get("shards", [])}
+    if manifest["source"].get("annotations_copy"):
+        expected[manifest["source"]["annotations_copy"]] = None  # any size
+    for name, size in expected.items():
+        info = fs.get_file_info(storage.join(path, name))
+        if info.type != pyarrow.fs.FileType.File or size not in (None, info.size):
+            return f"{name} missing or modified"
     return None
 
 
-def _check_out_dir(out_dir: Path) -> None:
+def _check_out_dir(out_dir: Path | str) -> None:
     """Refuse to replace a folder that is not ours (it would be deleted)."""
-    if out_dir.exists() and not out_dir.is_dir():
+    fs, path = storage.filesystem(out_dir)
+    info = fs.get_file_info(path)
+    if info.type == pyarrow.fs.FileType.File:
         raise PrepareError(f"{out_dir}: exists and is not a folder")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / MANIFEST_NAME).exists():
+    if info.type != pyarrow.fs.FileType.Directory:
+        return
+    names = {entry.base_name for entry in fs.get_file_info(pyarrow.fs.FileSelector(path))}
+    if names and MANIFEST_NAME not in names:
         raise PrepareError(
             f"{out_dir}: exists, is not empty and has no {MANIFEST_NAME}; refusing to replace "
             "it (choose an empty or new output folder)"
@@ -239,7 +271,9 @@ def prepare(
     """
     start = time.perf_counter()
     config = config or PrepareConfig()
-    annotations, images_dir, out_dir = Path(annotations), Path(images_dir), Path(out_dir)
+    annotations, images_dir = Path(annotations), Path(images_dir)
+    remote = storage.is_uri(out_dir)
+    out_dir = str(out_dir).rstrip("/") if remote else Path(out_dir)
     if not images_dir.is_dir():
         raise PrepareError(f"{images_dir}: image folder not found")
     if not annotations.is_file():
@@ -264,20 +298,35 @@ def prepare(
         index.categories.num_classes,
         len(index.rejections),
     )
-    tmp_dir = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+    fs, out_path = storage.filesystem(out_dir)
+    tmp_path = storage.join(
+        os.path.dirname(out_path), f".{os.path.basename(out_path)}.tmp-{uuid.uuid4().hex[:8]}"
+    )
     try:
-        manifest = _build(index, images_dir, tmp_dir, config)
-        tmp_dir.mkdir(parents=True, exist_ok=True)  # made by the shards' write, if any
+        manifest = _build(index, images_dir, fs, tmp_path, config)
+        fs.create_dir(tmp_path, recursive=True)  # made by the shards' write, if any
         manifest["source"] = {
             "annotations": str(annotations.resolve()),
             "images_dir": str(images_dir.resolve()),
             "fingerprint": fingerprint,
         }
+        if remote:  # the ground truth travels with the shards (see the module docstring)
+            pyarrow.fs.copy_files(
+                str(annotations.resolve()),
+                storage.join(tmp_path, GROUND_TRUTH_COPY),
+                source_filesystem=pyarrow.fs.LocalFileSystem(),
+                destination_filesystem=fs,
+            )
+            manifest["source"]["annotations_copy"] = GROUND_TRUTH_COPY
         manifest = _ordered_manifest(manifest)
-        (tmp_dir / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1) + "\n")
-        _replace_dir(tmp_dir, out_dir)
+        with fs.open_output_stream(storage.join(tmp_path, MANIFEST_NAME)) as f:
+            f.write((json.dumps(manifest, indent=1) + "\n").encode())
+        if remote:
+            _replace_objects(fs, tmp_path, out_path)
+        else:
+            _replace_dir(Path(tmp_path), Path(out_path))
     finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
+        _remove_quietly(fs, tmp_path)
     seconds = time.perf_counter() - start
     counts = manifest["counts"]
     logger.info(
@@ -303,9 +352,36 @@ def _replace_dir(new: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _build(index: CocoIndex, images_dir: Path, tmp_dir: Path, config: PrepareConfig) -> dict:
-    """Run the Ray Data pass, write the good rows into the new folder `tmp_dir` (which must not
-    exist yet), and return the manifest (sans source)."""
+def _remove_quietly(fs: pyarrow.fs.FileSystem, folder: str) -> None:
+    """Remove a temporary folder if it is still there (after a failure: never raises)."""
+    try:
+        if fs.get_file_info(folder).type != pyarrow.fs.FileType.NotFound:
+            fs.delete_dir(folder)
+    except OSError as e:
+        logger.warning("could not remove the temporary folder %s: %s", folder, e)
+
+
+def _replace_objects(fs: pyarrow.fs.FileSystem, new: str, target: str) -> None:
+    """`_replace_dir` on an object store: the old manifest goes first and the new one comes
+    last, so that an interrupted replacement leaves a prefix that no reader takes for shards
+    (and that `prepare` rebuilds)."""
+    if fs.get_file_info(target).type == pyarrow.fs.FileType.Directory:
+        fs.delete_dir_contents(target)  # ours: `_check_out_dir` found our manifest or nothing
+    entries = fs.get_file_info(pyarrow.fs.FileSelector(new))
+    entries.sort(key=lambda entry: entry.base_name == MANIFEST_NAME)
+    for entry in entries:
+        fs.move(entry.path, storage.join(target, entry.base_name))
+
+
+def _build(
+    index: CocoIndex,
+    images_dir: Path,
+    fs: pyarrow.fs.FileSystem,
+    tmp_dir: str,
+    config: PrepareConfig,
+) -> dict:
+    """Run the Ray Data pass, write the good rows into the new folder `tmp_dir` of `fs`
+    (which must not exist yet), and return the manifest (sans source)."""
     items = [
         {
             "index": rec.index,
@@ -349,14 +425,14 @@ def _build(index: CocoIndex, images_dir: Path, tmp_dir: Path, config: PrepareCon
                     [n for n, _ in _STATUS_FIELDS]
                 )
                 good.repartition(max(1, math.ceil(n_ok / config.rows_per_shard))).write_parquet(
-                    str(tmp_dir),
+                    storage.uri(fs, tmp_dir),
                     filename_provider=_ShardNames(),
                     # a new folder: stable shard names need no write id there, and nothing is
                     # replaced (Ray Data warns on every "overwrite" of a folder that exists)
                     mode=SaveMode.CREATE,
                     row_group_size=_ROW_GROUP_ROWS,
                 )
-            shards = _list_shards(tmp_dir)
+            shards = _list_shards(fs, tmp_dir)
     finally:
         ctx.execution_options.preserve_order = saved_order
     return _manifest_body(index, rows, shards, config)
@@ -369,11 +445,13 @@ class _ShardNames(FilenameProvider):
         return f"shard-{task_index:05d}-{{i}}.parquet"
 
 
-def _list_shards(folder: Path) -> list[dict[str, Any]]:
+def _list_shards(fs: pyarrow.fs.FileSystem, folder: str) -> list[dict[str, Any]]:
+    entries = fs.get_file_info(pyarrow.fs.FileSelector(folder, allow_not_found=True))
     shards = []
-    for path in sorted(folder.glob(SHARD_PATTERN)):
-        rows = pq.read_metadata(path).num_rows
-        shards.append({"file": path.name, "rows": rows, "bytes": path.stat().st_size})
+    for entry in sorted(entries, key=lambda entry: entry.base_name):
+        if fnmatch.fnmatch(entry.base_name, SHARD_PATTERN):
+            rows = pq.read_metadata(entry.path, filesystem=fs).num_rows
+            shards.append({"file": entry.base_name, "rows": rows, "bytes": entry.size})
     return shards
 
 

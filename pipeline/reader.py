@@ -38,17 +38,16 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterable, Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import ray
 import ray.data.collate_fn
 import torch
 
 from pep_model.config import DataConfig
+from pipeline import storage
 from pipeline.coco import CategoryMap
 from pipeline.decode import DECODED_SCHEMA, decode_batch
 from pipeline.prepare import read_manifest
@@ -79,9 +78,9 @@ _MAP_BATCH_ROWS = 4  # images per map_batches call: crowded images are heavy
 
 
 def shard_files(shards_dir: str | os.PathLike) -> list[str]:
-    """Paths of the Parquet shards listed in the manifest, in order."""
-    shards_dir = Path(shards_dir)
-    return [str(shards_dir / s["file"]) for s in read_manifest(shards_dir)["shards"]]
+    """Paths (URIs for shards on cloud storage) of the Parquet shards listed in the
+    manifest, in order."""
+    return [storage.join(shards_dir, s["file"]) for s in read_manifest(shards_dir)["shards"]]
 
 
 def open_shards(shards_dir: str | os.PathLike) -> ray.data.Dataset:
@@ -93,11 +92,8 @@ def open_shards(shards_dir: str | os.PathLike) -> ray.data.Dataset:
 
 
 def _shards_mb(shards_dir: str | os.PathLike) -> float:
-    """Size of the shard files on disk, in MiB (local paths; remote ones count as large)."""
-    try:
-        return sum(os.path.getsize(f) for f in shard_files(shards_dir)) / 2**20
-    except OSError:
-        return float("inf")
+    """Size of the shard files, in MiB, as the manifest records them."""
+    return sum(s["bytes"] for s in read_manifest(shards_dir)["shards"]) / 2**20
 
 
 def category_map(shards_dir: str | os.PathLike) -> CategoryMap:
@@ -109,7 +105,7 @@ def image_sizes(shards_dir: str | os.PathLike) -> dict[int, tuple[int, int]]:
     """Image id -> original (height, width), read from the shards' small columns only."""
     sizes: dict[int, tuple[int, int]] = {}
     for path in shard_files(shards_dir):
-        table = pq.read_table(path, columns=["image_id", "orig_height", "orig_width"])
+        table = storage.open_parquet(path).read(columns=["image_id", "orig_height", "orig_width"])
         for image_id, h, w in zip(*(table.column(c).to_pylist() for c in table.column_names)):
             sizes[image_id] = (h, w)
     return sizes
@@ -295,8 +291,7 @@ def iter_model_batches(
 
 def _local_rows(shards_dir: str | os.PathLike, rows: int) -> Iterable[pa.Table]:
     for path in shard_files(shards_dir):
-        parquet = pq.ParquetFile(path)
-        for rb in parquet.iter_batches(batch_size=rows):
+        for rb in storage.open_parquet(path).iter_batches(batch_size=rows):
             yield pa.Table.from_batches([rb])
 
 

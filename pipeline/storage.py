@@ -7,15 +7,20 @@ profile. Nothing here adds a flag of its own.
 
     fs, path = filesystem("s3://bucket/runs")
     local = fetch_checkpoint("s3://bucket/runs/r1/checkpoint_epoch_0009", "/tmp/ckpt")
+    shard = open_parquet(join("s3://bucket/shards/train", "shard-00000-0.parquet"))
+    gt = local_file("s3://bucket/shards/val/annotations.json")   # cached download
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import tempfile
 from pathlib import Path
 
 import pyarrow.fs
+import pyarrow.parquet as pq
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +54,69 @@ def uri(fs: pyarrow.fs.FileSystem, path: str) -> str:
     if scheme is None:
         return path
     return f"{scheme}://{path.lstrip('/')}"
+
+
+def join(base: str | os.PathLike, *names: str) -> str:
+    """`base/name/...` for a local path or a URI (where `os.path.join` would not do)."""
+    text = str(base)
+    if is_uri(text):
+        return "/".join([text.rstrip("/"), *names])
+    return os.path.join(text, *names)
+
+
+def parent(path: str | os.PathLike) -> str:
+    """The folder holding `path`, a local path or a URI (`pathlib` would mangle `s3://`)."""
+    text = str(path).rstrip("/")
+    if is_uri(text):
+        return text.rsplit("/", 1)[0]
+    return os.path.dirname(os.path.abspath(text))
+
+
+def read_text(path: str | os.PathLike) -> str:
+    """The text of a local file or an object; FileNotFoundError when there is none."""
+    fs, inner = filesystem(path)
+    with fs.open_input_stream(inner) as f:
+        return f.read().decode()
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a local file or an object (parents created as needed)."""
+    fs, inner = filesystem(path)
+    fs.create_dir(os.path.dirname(inner), recursive=True)
+    with fs.open_output_stream(inner) as f:
+        f.write(text.encode())
+
+
+def open_parquet(path: str | os.PathLike) -> pq.ParquetFile:
+    """A Parquet file, local or behind a URI, opened for reading (metadata, row groups)."""
+    fs, inner = filesystem(path)
+    return pq.ParquetFile(fs.open_input_file(inner))
+
+
+def local_file(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
+    """A local path as is; an object behind a URI downloaded once into `cache_dir` (default:
+    the system temp folder), keyed by its URI, size and modification time, so that a task
+    that reads the same ground truth every epoch downloads it once per machine."""
+    if not is_uri(path):
+        return Path(path)
+    fs, inner = filesystem(path)
+    info = fs.get_file_info(inner)
+    if info.type != pyarrow.fs.FileType.File:
+        raise StorageError(f"{path}: not found")
+    key = hashlib.sha256(f"{path}\t{info.size}\t{info.mtime_ns}".encode()).hexdigest()[:16]
+    local = Path(cache_dir or tempfile.gettempdir()) / "pep-downloads" / key / Path(inner).name
+    if not local.is_file() or local.stat().st_size != info.size:
+        local.parent.mkdir(parents=True, exist_ok=True)
+        partial = local.with_name(f".{local.name}.{os.getpid()}")
+        pyarrow.fs.copy_files(
+            inner,
+            str(partial),
+            source_filesystem=fs,
+            destination_filesystem=pyarrow.fs.LocalFileSystem(),
+        )
+        partial.replace(local)  # whole or absent, also with several readers on the machine
+        logger.info("%s -> %s (%.1f MB)", path, local, info.size / 1e6)
+    return local
 
 
 def fetch_checkpoint(source: str, dst_dir: str | os.PathLike) -> Path:

@@ -455,7 +455,7 @@ def run_sweep(
         spec = SweepSpec(
             name=name,
             base_config=config_to_dict(cfg),
-            data_root=str(Path(splits.train_shards).parent),
+            data_root=storage.parent(splits.train_shards),
             work_dir=str(work_dir),
             storage_path=storage_path,
             tracking_uri=tracking.resolve_tracking_uri(tracking_uri, default_dir=work_dir),

@@ -251,6 +251,23 @@ def tiny_shards(local_ray, tiny_coco, tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="session")
+def s3_shards(s3_server, local_ray, tiny_coco):
+    """`tiny_coco` shards on the S3 stand-in, written by jobs/prepare_coco.py as a user runs
+    it (`--out s3://...`): the URI of a `--data` shards root with train/ and val/, and what
+    each split's run of the job returned."""
+    from jobs.prepare_coco import get_args_parser, main
+
+    local_ray()
+    root = f"s3://{s3_server.bucket}/shards/tiny"
+    results = {}
+    for split in ("train", "val"):
+        argv = ["--annotations", str(tiny_coco / split / "annotations.json")]
+        argv += ["--images", str(tiny_coco / split / "images"), "--out", f"{root}/{split}"]
+        results[split] = main(get_args_parser().parse_args(argv + ["--max-size", "96"]))
+    return SimpleNamespace(root=root, results=results)
+
+
 # Loads an MLflow pyfunc model in a fresh Python and predicts one image; prints the rows as
 # JSON. argv: tracking URI, model URI, image file, params JSON, "refuse-pickle" or "allow".
 # With "refuse-pickle", any unpickling raises; torch.load must always be weights_only.

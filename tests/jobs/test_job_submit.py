@@ -1,7 +1,8 @@
 """The cluster path, on stand-ins of the cluster's parts: `ray start --head` (token auth)
 declaring a GPU this machine lacks (a GPU cluster as its CPU head sees it), an S3 server on
-loopback for `--storage-path s3://...`, and a real `mlflow server` process with its
-artifacts on that S3; `ray job submit` of jobs/train_pep.py, then of jobs/promote_pep.py."""
+loopback for the shards (`prepare_coco.py --out s3://...`, the `s3_shards` fixture) and for
+`--storage-path s3://...`, and a real `mlflow server` process with its artifacts on that S3;
+`ray job submit` of jobs/train_pep.py, then of jobs/promote_pep.py."""
 
 from __future__ import annotations
 
@@ -110,7 +111,7 @@ def _run_job(address: str, env: dict[str, str], job_id: str, entrypoint: list[st
 
 
 def test_job_submit_trains_on_s3_logs_to_the_server_then_promotes(
-    ray_head, s3_server, mlflow_server, tiny_coco, tiny_overrides, tmp_path
+    ray_head, s3_server, s3_shards, mlflow_server, tiny_overrides, tmp_path
 ):
     address, env = ray_head
     uri = mlflow_server
@@ -118,7 +119,7 @@ def test_job_submit_trains_on_s3_logs_to_the_server_then_promotes(
     storage = f"s3://{s3_server.bucket}/runs"
     entrypoint = [
         "python", "jobs/train_pep.py", "--config", "configs/tiny.yaml",
-        "--data", str(tiny_coco), "--work-dir", str(tmp_path / "work"),
+        "--data", s3_shards.root, "--work-dir", str(tmp_path / "work"),
         "--tracking-uri", uri, "--experiment", "pep-cluster", "--name", "submitted",
         "--storage-path", storage, "--use-gpu", "false",
     ] + [
@@ -146,6 +147,12 @@ def test_job_submit_trains_on_s3_logs_to_the_server_then_promotes(
     )
     assert run.info.status == "FINISHED"
     assert "segm/AP" in run.data.metrics and run.data.params["train.epochs"] == "1"
+    # trained on the shards in the bucket, scored against the ground truth stored beside them
+    assert run.data.tags["data_source"] == s3_shards.root
+    assert run.data.tags["data_fingerprint"] == s3_shards.results["val"].manifest["source"][
+        "fingerprint"
+    ]
+    assert not (tmp_path / "work" / "shards").exists()  # nothing was prepared on the head
     assert client.get_metric_history(run.info.run_id, "loss_mask")
     # (validation beside training on a Ray with a GPU it lacks: tests/jobs/test_train_job.py)
     # the server stored the run's artifacts and its model in the bucket
