@@ -27,6 +27,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "--object-scale", type=float, default=1.0, help="object sizes x this (1: the original)"
     )
     parser.add_argument("--max-objects", type=int, default=20, help="objects per image, at most")
+    parser.add_argument(
+        "--scene",
+        choices=("shapes", "crowd", "amodal"),
+        default="shapes",
+        help="shapes: the original scenes; crowd: dense same-class packs (visible masks); "
+        "amodal: the same images as crowd, each object's full extent as its mask",
+    )
     return parser
 
 
@@ -42,6 +49,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         val_fraction=args.val_fraction,
         object_scale=args.object_scale,
         max_objects=args.max_objects,
+        scene=args.scene,
     )
     elapsed = time.perf_counter() - start
     print(
@@ -55,6 +63,15 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             f"  -> {info['annotations']}"
         )
     print(f"  objects overlapping another: {summary['overlap_fraction']:.0%}")
+    for split, info in summary["splits"].items():
+        stats = info["statistics"]
+        print(
+            f"  {split:5s} {stats['objects_per_image']:.1f} objects/image (max "
+            f"{stats['max_objects_per_image']}), under half visible "
+            f"{stats['under_half_visible']:.0%}, touching one of their class "
+            f"{stats['touching_same_class']:.0%}, mask IoU with another >= 0.2: "
+            f"{stats['iou_ge_0.2']:.0%}, >= 0.5: {stats['iou_ge_0.5']:.0%}"
+        )
     return summary
 
 

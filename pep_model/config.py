@@ -145,6 +145,9 @@ class DataConfig:
     generated_size: int = 256  # generated data only
     generated_object_scale: float = 1.0  # generated data only: object sizes x this
     generated_max_objects: int = 20  # generated data only: objects per image, at most
+    # generated data only: "shapes" (the original scenes), "crowd" (dense same-class packs,
+    # visible masks) or "amodal" (the same images, full-extent masks): pipeline.synth
+    generated_scene: str = "shapes"
     reader_cpus: float = 0.5  # CPUs per Ray Data decode task
     # Training shards up to this size (MiB on disk, encoded) are read once and kept in Ray's
     # object store across epochs; larger ones are re-read every epoch. 0: always re-read.

@@ -99,6 +99,7 @@ def resolve_data(data: str | None, cfg: Config, work_dir: str | Path) -> DataSpl
                 if d.generated_max_objects != synth.MAX_OBJECTS
                 else "",
                 f"-scale{d.generated_object_scale:g}" if d.generated_object_scale != 1.0 else "",
+                f"-{d.generated_scene}" if d.generated_scene != "shapes" else "",
             ]
         )
         name = f"crowded-{d.generated_images}x{d.generated_size}{scene}-seed{cfg.train.seed}"
@@ -113,6 +114,7 @@ def resolve_data(data: str | None, cfg: Config, work_dir: str | Path) -> DataSpl
                 val_fraction=d.val_fraction,
                 object_scale=d.generated_object_scale,
                 max_objects=d.generated_max_objects,
+                scene=d.generated_scene,
             )
         data_path = root
     elif storage.is_uri(data):

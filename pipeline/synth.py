@@ -11,8 +11,21 @@ Every non-crowd annotation also carries ``visible_fraction``: its visible pixels
 pixels of the full (amodal) shape inside the image, rounded to 4 decimals; 1.0 for an
 unoccluded object. COCO readers ignore the extra field; evaluation bins recall by it.
 
-Image ``k`` depends only on ``(seed, k)`` and ``size``: generating more images appends
-to the dataset without changing the earlier ones.
+Image ``k`` depends only on ``(seed, k)``, ``size`` and the scene: generating more images
+appends to the dataset without changing the earlier ones.
+
+Scenes (``scene=``):
+
+- ``shapes`` (the default): shapes mostly placed at random, 12% against a neighbour.
+- ``crowd``: dense packs of one class each (the setting of the paper's Fig. 1): every pack
+  member is placed overlapping an earlier member, so centres hide behind neighbours and
+  about half of the objects are under half visible. Annotations are visible parts, as COCO's.
+- ``amodal``: the very same images as ``crowd``, each object annotated with its full extent
+  (an amodal mask, as KINS and COCO-Amodal annotate), so true instances overlap and
+  mask-IoU NMS can suppress real objects.
+
+``scene_statistics`` measures what a scene holds: objects per image, the share under half
+visible, and how much true instances overlap (pairwise mask IoU).
 """
 
 from __future__ import annotations
@@ -30,6 +43,8 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from pipeline.coco import to_rle
+
 logger = logging.getLogger(__name__)
 
 CATEGORIES: tuple[dict[str, Any], ...] = (
@@ -42,6 +57,8 @@ CATEGORIES: tuple[dict[str, Any], ...] = (
 """COCO categories of the generated data; the ids have gaps on purpose."""
 
 SPLITS = ("train", "val")
+SCENES = ("shapes", "crowd", "amodal")
+"""Generator scenes (see the module docstring); "shapes" is the original."""
 GENERATOR_VERSION = "2"
 """Written as ``info.version``; "2" added ``visible_fraction`` (images and other fields as in
 "1"), so a cached dataset of an older version is regenerated (`is_current`)."""
@@ -58,6 +75,12 @@ _P_SAME_CLASS = 0.6  # ... and then takes that neighbour's class
 _SIZE_BINS = ((10.0, 28.0), (32.0, 52.0), (100.0, 128.0))
 _SIZE_BIN_P = (0.6, 0.37, 0.03)
 _POLYGON_MIN_IOU = 0.9
+# crowd / amodal scenes: packs per image, each member's sqrt(area) range at size 256, and
+# how far a new member sits from the member it is placed against, in sums of radii
+_PACKS = (1, 3)
+_PACK_SQRT_AREA = (22.0, 44.0)
+_PACK_DISTANCE = (0.3, 0.7)
+_P_LONER = 0.1  # share of a crowd scene's objects placed alone, anywhere
 _JPEG_QUALITY = 95
 
 
@@ -73,6 +96,7 @@ class _Shape:
     box: tuple[int, int, int, int]  # x0, y0, x1, y1 (exclusive) of the mask, in image
     area: int  # pixels of the full shape
     inside: bool  # the outline lies within the image
+    pack: list | None = None  # crowd scenes: the pack it belongs to
 
 
 def make_dataset(
@@ -83,12 +107,14 @@ def make_dataset(
     val_fraction: float = 0.2,
     object_scale: float = 1.0,
     max_objects: int = MAX_OBJECTS,
+    scene: str = "shapes",
 ) -> dict[str, Any]:
     """Write the crowded-shapes dataset as COCO ``train`` and ``val`` splits under ``out_dir``.
 
     ``object_scale`` multiplies every object's size (1.0: sizes scale with the image as at
     256 px, where a third of the objects are COCO-medium); ``max_objects`` bounds the objects
-    per image (each image draws 1..max_objects). The defaults are the original scenes.
+    per image (each image draws 1..max_objects; crowd scenes max_objects/2..max_objects).
+    ``scene``: one of ``SCENES`` (module docstring). The defaults are the original scenes.
 
     Layout per split: ``<split>/annotations.json`` and ``<split>/images/*.jpg``; existing
     split folders are replaced. Every ``1/val_fraction``-th image (by index) goes to val,
@@ -105,6 +131,8 @@ def make_dataset(
         raise ValueError(f"object_scale must be > 0, got {object_scale}")
     if max_objects < 1:
         raise ValueError(f"max_objects must be >= 1, got {max_objects}")
+    if scene not in SCENES:
+        raise ValueError(f"scene must be one of {', '.join(SCENES)}, got {scene!r}")
     out = Path(out_dir)
     split_of = [_split_of(k, val_fraction) for k in range(images)]
     summary: dict[str, Any] = {"out_dir": str(out), "size": size, "seed": seed, "splits": {}}
@@ -122,6 +150,7 @@ def make_dataset(
                 "seed": seed,
                 "object_scale": object_scale,
                 "max_objects": max_objects,
+                "scene": scene,
             },
             "licenses": [],
             "categories": [dict(c) for c in CATEGORIES],
@@ -133,7 +162,12 @@ def make_dataset(
             image_id = index + 1
             file_name = f"{image_id:06d}.jpg"
             pixels, anns, stats = render_image(
-                index, size=size, seed=seed, object_scale=object_scale, max_objects=max_objects
+                index,
+                size=size,
+                seed=seed,
+                object_scale=object_scale,
+                max_objects=max_objects,
+                scene=scene,
             )
             Image.fromarray(pixels).save(
                 split_dir / "images" / file_name, quality=_JPEG_QUALITY, subsampling=0
@@ -161,6 +195,7 @@ def make_dataset(
             "instances": len(coco["annotations"]) - crowd,
             "crowd_regions": crowd,
             "empty_images": empty,
+            "statistics": scene_statistics(coco),
         }
     summary["overlap_fraction"] = overlapped / drawn if drawn else 0.0
     logger.info(
@@ -200,6 +235,7 @@ def render_image(
     seed: int = 0,
     object_scale: float = 1.0,
     max_objects: int = MAX_OBJECTS,
+    scene: str = "shapes",
 ) -> tuple[np.ndarray, list[dict[str, Any]], dict[str, int]]:
     """Draw image ``index`` of the dataset seeded with ``seed``.
 
@@ -208,6 +244,8 @@ def render_image(
     its ``visible_fraction``), and counts of
     drawn objects and of those whose shape overlaps another's (``drawn``, ``overlapped``).
     """
+    if scene != "shapes":
+        return _render_crowd(index, size, seed, object_scale, max_objects, amodal=scene == "amodal")
     rng = np.random.default_rng([seed, index])
     scale = size / 256.0 * object_scale
     pixels = _background(rng, size)  # H x W x 3 float
@@ -252,6 +290,73 @@ def render_image(
             anns.append(ann)
     stats = {"drawn": len(shapes) - first_object, "overlapped": len(overlapping)}
     return pixels, anns, stats
+
+
+def _render_crowd(
+    index: int, size: int, seed: int, object_scale: float, max_objects: int, amodal: bool
+) -> tuple[np.ndarray, list[dict[str, Any]], dict[str, int]]:
+    """`render_image` of the crowd and amodal scenes: one drawing, two annotations."""
+    rng = np.random.default_rng([seed, index, 1])  # a stream of its own: "shapes" unchanged
+    scale = size / 256.0 * object_scale
+    pixels = _background(rng, size)
+    owner = np.full((size, size), -1, dtype=np.int32)
+    n_objects = int(rng.integers(max(1, max_objects // 2), max_objects + 1))
+    n_loners = int(rng.binomial(n_objects, _P_LONER))
+    packs = [[] for _ in range(int(rng.integers(_PACKS[0], _PACKS[1] + 1)))]
+    shapes: list[_Shape] = []
+    for k in range(n_objects):
+        if k < n_loners:
+            shape = _random_shape(rng, size, scale, [], p_neighbour=0.0)
+        else:
+            shape = _pack_member(rng, size, scale, packs[k % len(packs)])
+        if shape is not None:
+            shapes.append(shape)
+    rng.shuffle(shapes)  # drawing order: any member may hide any other
+    colours = {}  # one hue per class and pack, jittered per object: look-alike neighbours
+    for j, shape in enumerate(shapes):
+        group = id(shape.pack) if shape.pack is not None else id(shape)  # a loner: its own
+        base = colours.setdefault(group, _random_colour(rng))
+        _paint(rng, pixels, owner, shape, j, np.clip(base + rng.normal(0, 18, 3), 0, 255))
+    pixels += rng.normal(0.0, rng.uniform(2.0, 7.0), size=pixels.shape)
+    pixels = np.clip(pixels, 0, 255).astype(np.uint8)
+    anns = []
+    overlapping = 0
+    for j, shape in enumerate(shapes):
+        visible = owner == j
+        ann = _instance_annotation(shape, visible, shape.mask if amodal else None)
+        if ann is not None:
+            anns.append(ann)
+        overlapping += int(visible.sum()) < shape.area
+    return pixels, anns, {"drawn": len(shapes), "overlapped": overlapping}
+
+
+def _pack_member(
+    rng: np.random.Generator, size: int, scale: float, pack: list[_Shape]
+) -> _Shape | None:
+    """A shape of the pack's class and size, overlapping a random earlier member (the
+    first one anywhere); appended to `pack`."""
+    low, high = _PACK_SQRT_AREA
+    if not pack:
+        category_id = int(CATEGORIES[int(rng.integers(len(CATEGORIES)))]["id"])
+        sqrt_area = float(np.exp(rng.uniform(np.log(low), np.log(high)))) * scale
+        center = (float(rng.uniform(0.15, 0.85) * size), float(rng.uniform(0.15, 0.85) * size))
+    else:
+        category_id = pack[0].category_id
+        sqrt_area = np.sqrt(pack[0].area) * float(rng.uniform(0.8, 1.25))
+        anchor = pack[int(rng.integers(len(pack)))]
+        angle = rng.uniform(0, 2 * np.pi)
+        distance = (anchor.radius + sqrt_area / np.sqrt(np.pi)) * rng.uniform(*_PACK_DISTANCE)
+        center = (
+            float(np.clip(anchor.center[0] + distance * np.cos(angle), 0, size)),
+            float(np.clip(anchor.center[1] + distance * np.sin(angle), 0, size)),
+        )
+    shape = _make_shape(
+        category_id, center, max(4.0, sqrt_area), rng.uniform(0, 2 * np.pi), rng, size
+    )
+    if shape is not None:
+        shape.pack = pack
+        pack.append(shape)
+    return shape
 
 
 # ----------------------------------------------------------------------------- drawing
@@ -340,14 +445,18 @@ def _make_shape(
 
 
 def _random_shape(
-    rng: np.random.Generator, size: int, scale: float, placed: list[_Shape]
+    rng: np.random.Generator,
+    size: int,
+    scale: float,
+    placed: list[_Shape],
+    p_neighbour: float = _P_NEIGHBOUR,
 ) -> _Shape | None:
     """A random shape, either anywhere or touching/overlapping an earlier one."""
     category_id = int(CATEGORIES[int(rng.integers(len(CATEGORIES)))]["id"])
     low, high = _SIZE_BINS[int(rng.choice(len(_SIZE_BINS), p=_SIZE_BIN_P))]
     sqrt_area = max(4.0, float(np.exp(rng.uniform(np.log(low), np.log(high)))) * scale)
     rough_radius = sqrt_area / np.sqrt(np.pi)
-    if placed and rng.random() < _P_NEIGHBOUR:
+    if placed and rng.random() < p_neighbour:
         neighbour = placed[int(rng.integers(len(placed)))]
         if rng.random() < _P_SAME_CLASS:
             category_id = neighbour.category_id
@@ -419,6 +528,61 @@ def _paint_crowd(
     return members
 
 
+# ------------------------------------------------------------------------- statistics
+
+
+def scene_statistics(coco: dict[str, Any]) -> dict[str, float]:
+    """What a generated split holds, from its COCO dict (crowd regions left out):
+    objects per image (mean, max); the share of objects under half visible; the share that
+    touch or overlap an object of their own class (masks 1 px apart at most); and how much
+    true instances overlap: the share whose mask IoU with another instance reaches 0.2 and
+    0.5, and the mean of each object's highest IoU with another."""
+    sizes = {image["id"]: (image["height"], image["width"]) for image in coco["images"]}
+    per_image: dict[int, list[dict[str, Any]]] = {image_id: [] for image_id in sizes}
+    for ann in coco["annotations"]:
+        if not ann.get("iscrowd"):
+            per_image[ann["image_id"]].append(ann)
+    counts = [len(anns) for anns in per_image.values()]
+    objects = sum(counts)
+    hidden = touching = iou_02 = iou_05 = 0
+    best_ious = []
+    for image_id, anns in per_image.items():
+        hidden += sum(ann.get("visible_fraction", 1.0) < 0.5 for ann in anns)
+        if len(anns) < 2:
+            best_ious += [0.0] * len(anns)
+            continue
+        h, w = sizes[image_id]
+        rles = [to_rle(ann["segmentation"], h, w) for ann in anns]
+        iou = mask_utils.iou(rles, rles, [0] * len(rles))  # N x N
+        np.fill_diagonal(iou, 0.0)
+        best = iou.max(axis=1)
+        best_ious += best.tolist()
+        iou_02 += int((best >= 0.2).sum())
+        iou_05 += int((best >= 0.5).sum())
+        masks = mask_utils.decode(rles).transpose(2, 0, 1).astype(bool)  # N x H x W
+        grown = np.pad(masks, ((0, 0), (1, 1), (1, 1)))
+        grown = (
+            grown[:, 1:-1, 1:-1] | grown[:, :-2, 1:-1] | grown[:, 2:, 1:-1]
+            | grown[:, 1:-1, :-2] | grown[:, 1:-1, 2:]
+        )  # fmt: skip
+        meets = grown.reshape(len(anns), -1).astype(np.float32) @ masks.reshape(
+            len(anns), -1
+        ).T.astype(np.float32)  # N x N: pixels of j within 1 px of i
+        np.fill_diagonal(meets, 0.0)
+        labels = np.array([ann["category_id"] for ann in anns])
+        touching += int(((meets > 0) & (labels[:, None] == labels[None, :])).any(axis=1).sum())
+    share = (lambda n: round(n / objects, 4)) if objects else (lambda n: 0.0)
+    return {
+        "objects_per_image": round(objects / len(counts), 2) if counts else 0.0,
+        "max_objects_per_image": max(counts, default=0),
+        "under_half_visible": share(hidden),
+        "touching_same_class": share(touching),
+        "iou_ge_0.2": share(iou_02),
+        "iou_ge_0.5": share(iou_05),
+        "mean_best_iou": round(float(np.mean(best_ious)), 4) if best_ious else 0.0,
+    }
+
+
 # ------------------------------------------------------------------------- annotations
 
 
@@ -432,11 +596,18 @@ def _box_of(mask: np.ndarray) -> list[float]:
     ]
 
 
-def _instance_annotation(shape: _Shape, visible: np.ndarray) -> dict[str, Any] | None:
-    """COCO annotation of a shape's visible part; None when too little of it shows."""
-    area = int(visible.sum())
-    if area < MIN_VISIBLE_AREA:
+def _instance_annotation(
+    shape: _Shape, visible: np.ndarray, amodal: np.ndarray | None = None
+) -> dict[str, Any] | None:
+    """COCO annotation of a shape's visible part, or of its full extent (`amodal`, the
+    shape's mask inside the image); None when too little of it shows."""
+    visible_area = int(visible.sum())
+    if visible_area < MIN_VISIBLE_AREA:
         return None
+    visible_fraction = round(visible_area / shape.area, 4)
+    if amodal is not None:
+        visible = amodal
+    area = int(visible.sum())
     x0, y0, x1, y1 = shape.box
     segmentation: Any = None
     if shape.inside and area == shape.area and shape.category_id != 7:
@@ -458,7 +629,7 @@ def _instance_annotation(shape: _Shape, visible: np.ndarray) -> dict[str, Any] |
         "bbox": _box_of(visible),
         "iscrowd": 0,
         # visible pixels / pixels of the full shape as rasterised inside the image
-        "visible_fraction": round(area / shape.area, 4),
+        "visible_fraction": visible_fraction,
     }
 
 

@@ -19,6 +19,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from pipeline import synth
+from pipeline.coco import decode_segmentation
 from pipeline.synth import (
     CATEGORIES,
     MIN_VISIBLE_AREA,
@@ -314,9 +315,76 @@ def test_object_scale_and_max_objects_shape_the_scenes():
     assert np.median(bigger) > 2.5 * np.median(area)  # ~4x the area for 2x the size
 
 
+def test_crowd_and_amodal_scenes_are_one_drawing_with_two_annotations():
+    """`crowd` and `amodal` draw the same pixels and objects; amodal masks hold the visible
+    ones and are larger where an object is hidden; the shapes scene is left as it was."""
+    for index in range(8):
+        pixels, crowd, _ = render_image(index, size=128, seed=5, scene="crowd")
+        same, amodal, _ = render_image(index, size=128, seed=5, scene="amodal")
+        assert (pixels == same).all() and len(crowd) == len(amodal) >= 5
+        for vis, full in zip(crowd, amodal):
+            assert vis["category_id"] == full["category_id"]
+            assert vis["visible_fraction"] == full["visible_fraction"]
+            visible = decode_segmentation(vis["segmentation"], 128, 128).astype(bool)
+            extent = decode_segmentation(full["segmentation"], 128, 128).astype(bool)
+            assert (extent | visible).sum() == extent.sum()  # visible within the extent
+            if vis["visible_fraction"] < 0.9:
+                assert extent.sum() > visible.sum()
+    shapes, _, _ = render_image(0, size=128, seed=5)
+    assert not (shapes == pixels).all()
+
+
+def test_scene_statistics_measure_what_the_scenes_were_built_for(tmp_path):
+    """`crowd` packs objects of one class against each other and hides many of them;
+    `amodal` makes true instances overlap; `shapes` does neither (issue 28's settings)."""
+    stats = {
+        scene: make_dataset(tmp_path / scene, images=40, size=128, seed=2, scene=scene)["splits"][
+            "train"
+        ]["statistics"]
+        for scene in ("shapes", "crowd", "amodal")
+    }
+    assert stats["shapes"]["iou_ge_0.2"] == stats["crowd"]["iou_ge_0.2"] == 0.0
+    assert (
+        stats["crowd"]["under_half_visible"] >= 0.3 > 0.15 > stats["shapes"]["under_half_visible"]
+    )
+    assert stats["crowd"]["touching_same_class"] >= 0.8 > stats["shapes"]["touching_same_class"]
+    assert stats["amodal"]["iou_ge_0.2"] >= 0.4 and stats["amodal"]["mean_best_iou"] > 0.15
+    assert stats["amodal"]["under_half_visible"] == stats["crowd"]["under_half_visible"]
+
+
+def test_scene_statistics_on_a_hand_built_image():
+    """Two 10x10 squares of class 1 overlapping by half (IoU 1/3), a class-2 square touching
+    the second one, and a lone class-1 square: values computed by hand."""
+
+    def square(x, y, category_id, visible_fraction=1.0):
+        polygon = [x, y, x + 10, y, x + 10, y + 10, x, y + 10]
+        return {"image_id": 1, "category_id": category_id, "segmentation": [polygon],
+                "iscrowd": 0, "visible_fraction": visible_fraction}  # fmt: skip
+
+    coco = {
+        "images": [{"id": 1, "height": 64, "width": 64}, {"id": 2, "height": 64, "width": 64}],
+        "annotations": [
+            square(0, 0, 1, 0.4), square(5, 0, 1), square(15, 0, 2), square(40, 40, 1),
+        ],
+    }  # fmt: skip
+    stats = synth.scene_statistics(coco)
+    assert stats["objects_per_image"] == 2.0 and stats["max_objects_per_image"] == 4
+    assert stats["under_half_visible"] == 0.25
+    assert stats["touching_same_class"] == 0.5  # the two class-1 squares that overlap
+    assert stats["iou_ge_0.2"] == 0.5 and stats["iou_ge_0.5"] == 0.0
+    assert stats["mean_best_iou"] == pytest.approx((1 / 3 + 1 / 3) / 4, abs=0.01)
+
+
 @pytest.mark.parametrize(
     "kwargs",
-    [{"images": -1}, {"size": 8}, {"val_fraction": 1.5}, {"object_scale": 0}, {"max_objects": 0}],
+    [
+        {"images": -1},
+        {"size": 8},
+        {"val_fraction": 1.5},
+        {"object_scale": 0},
+        {"max_objects": 0},
+        {"scene": "zoo"},
+    ],
     ids=str,
 )
 def test_bad_arguments_are_rejected(tmp_path, kwargs):
