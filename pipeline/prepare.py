@@ -319,8 +319,10 @@ def prepare(
             )
             manifest["source"]["annotations_copy"] = GROUND_TRUTH_COPY
         manifest = _ordered_manifest(manifest)
-        with fs.open_output_stream(storage.join(tmp_path, MANIFEST_NAME)) as f:
-            f.write((json.dumps(manifest, indent=1) + "\n").encode())
+        storage.write_text(
+            storage.uri(fs, storage.join(tmp_path, MANIFEST_NAME)),
+            json.dumps(manifest, indent=1) + "\n",
+        )
         if remote:
             _replace_objects(fs, tmp_path, out_path)
         else:

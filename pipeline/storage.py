@@ -106,17 +106,23 @@ def local_file(path: str | os.PathLike, cache_dir: str | os.PathLike | None = No
     key = hashlib.sha256(f"{path}\t{info.size}\t{info.mtime_ns}".encode()).hexdigest()[:16]
     local = Path(cache_dir or tempfile.gettempdir()) / "pep-downloads" / key / Path(inner).name
     if not local.is_file() or local.stat().st_size != info.size:
-        local.parent.mkdir(parents=True, exist_ok=True)
-        partial = local.with_name(f".{local.name}.{os.getpid()}")
-        pyarrow.fs.copy_files(
-            inner,
-            str(partial),
-            source_filesystem=fs,
-            destination_filesystem=pyarrow.fs.LocalFileSystem(),
-        )
-        partial.replace(local)  # whole or absent, also with several readers on the machine
-        logger.info("%s -> %s (%.1f MB)", path, local, info.size / 1e6)
+        _download(fs, inner, local, str(path))
     return local
+
+
+def _download(fs: pyarrow.fs.FileSystem, inner: str, local: Path, shown: str) -> None:
+    """Copy one file of `fs` to `local` through a partial file: whole or absent, also with
+    several readers on the machine."""
+    local.parent.mkdir(parents=True, exist_ok=True)
+    partial = local.with_name(f".{local.name}.{os.getpid()}")
+    pyarrow.fs.copy_files(
+        inner,
+        str(partial),
+        source_filesystem=fs,
+        destination_filesystem=pyarrow.fs.LocalFileSystem(),
+    )
+    partial.replace(local)
+    logger.info("%s -> %s (%.1f MB)", shown, local, local.stat().st_size / 1e6)
 
 
 def fetch_checkpoint(source: str, dst_dir: str | os.PathLike) -> Path:
@@ -133,9 +139,5 @@ def fetch_checkpoint(source: str, dst_dir: str | os.PathLike) -> Path:
     if info.type != pyarrow.fs.FileType.File:
         raise StorageError(f"{source}: checkpoint not found")
     local = Path(dst_dir) / Path(path).name
-    local.parent.mkdir(parents=True, exist_ok=True)
-    pyarrow.fs.copy_files(
-        path, str(local), source_filesystem=fs, destination_filesystem=pyarrow.fs.LocalFileSystem()
-    )
-    logger.info("checkpoint %s -> %s (%.1f MB)", source, local, local.stat().st_size / 1e6)
+    _download(fs, path, local, f"checkpoint {source}")
     return local
