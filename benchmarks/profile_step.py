@@ -14,6 +14,7 @@ variant. `--parts` also times the forward of each part of `PEP.losses` (wrapped 
 A variant is NAME=overrides, the overrides as for `--set`, comma-separated (model settings;
 the batches follow the config and `--set` alone):
     --variant baseline=model.excavate=false,model.purify=false --variant pep=
+Commas inside brackets belong to a list value: --variant "lean=model.perceive_levels=[3,4,5,6]".
 """
 
 from __future__ import annotations
@@ -76,6 +77,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def split_overrides(overrides: str) -> list[str]:
+    """`a=1,b=[[0,9],[5,20]]` -> ["a=1", "b=[[0,9],[5,20]]"]: commas inside brackets stay."""
+    parts, depth, start = [], 0, 0
+    for i, char in enumerate(overrides + ","):
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            parts.append(overrides[start:i])
+            start = i + 1
+    return [part for part in parts if part]
+
+
 def parse_variants(specs: list[str]) -> dict[str, list[str]]:
     if not specs:
         specs = [f"{name}={overrides}" for name, overrides in TABLE2.items()]
@@ -84,7 +96,7 @@ def parse_variants(specs: list[str]) -> dict[str, list[str]]:
         name, _, overrides = spec.partition("=")
         if not name:
             raise SystemExit(f"--variant {spec!r}: expected NAME=key=value,...")
-        variants[name] = [o for o in overrides.split(",") if o]
+        variants[name] = split_overrides(overrides)
     return variants
 
 

@@ -20,6 +20,11 @@ def test_variants_default_to_table_2_and_parse_overrides(profiler):
     assert list(profiler.parse_variants([])) == ["baseline", "excavate", "purify", "pep"]
     variants = profiler.parse_variants(["a=model.excavate=false,model.purify=true", "b="])
     assert variants == {"a": ["model.excavate=false", "model.purify=true"], "b": []}
+    # commas inside a list value stay with it
+    lean = "model.perceive_levels=[3,4,5,6],model.scale_ranges=[[0,96],[48,100000]],model.x=1"
+    assert profiler.parse_variants([f"lean={lean}"])["lean"] == [
+        "model.perceive_levels=[3,4,5,6]", "model.scale_ranges=[[0,96],[48,100000]]", "model.x=1"
+    ]
     with pytest.raises(SystemExit, match="NAME=key=value"):
         profiler.parse_variants(["=model.excavate=false"])
 
