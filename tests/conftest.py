@@ -26,6 +26,12 @@ ROOT = Path(__file__).resolve().parents[1]
 # (`PEP_TEST_RAY_CPUS=2 pytest tests/jobs/test_ablation_pep.py -k four_variants`).
 TEST_RAY_CPUS = int(os.environ.get("PEP_TEST_RAY_CPUS", "4"))
 
+# Ray Train's controller polls its workers every 2 s (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S), and
+# a run's start, reports and end each wait for a poll. The tests' runs are seconds long, so
+# they poll every 0.5 s: measured on test_train's two runs, 66 -> 59 s. Set before any Ray
+# starts, so every Ray process, `ray start` and job subprocess of the session inherits it.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+
 
 def ensure_local_ray():
     """Start the tests' local Ray instance (no dashboard) unless Ray is initialised."""

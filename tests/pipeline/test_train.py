@@ -8,6 +8,7 @@ import signal
 import threading
 import time
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -83,45 +84,6 @@ def test_a_run_holds_cpus_for_its_workers_decoding_and_validation(tiny_config):
     assert cluster.local_cpus(0.5) == cores
 
 
-def test_checkpoints_load_and_existing_run_needs_resume(
-    tiny_config, tiny_shards, s3_server, tmp_path
-):
-    """On S3 storage (the stand-in), as on a cluster: the checkpoint's URI, the refusal to
-    reuse a run name and `resume` all go through the bucket."""
-    storage = f"s3://{s3_server.bucket}/train-test"
-    cfg = tiny_config("train.epochs=1")
-    run = run_training(cfg, str(tiny_shards / "train"), storage_path=storage, name="once")
-    assert run.checkpoint_path == f"{storage}/once/checkpoint_epoch_0000"
-    local = run.local_checkpoint(tmp_path / "dl")
-    assert local == tmp_path / "dl" / CHECKPOINT_FILE
-    state = load_training_checkpoint(local.parent)  # weights_only=True inside
-    assert state["epoch"] == 0
-    assert set(state) >= {"model", "optimizer", "scheduler", "epoch", "config"}
-    model, loaded_cfg = load_checkpoint(local)
-    assert loaded_cfg.model.fpn_channels == 32
-    assert run.result.metrics["steps"] == 6  # 12 train images / batch 2 / 1 worker
-    assert run.result.metrics["torch_threads"] == cfg.train.cpus_per_worker == 1
-    assert 0 <= run.result.metrics["data_wait_s"] <= run.result.metrics["epoch_time_s"]
-    # the worker computed (its CPU time is real), and no process outruns the machine
-    assert 0.1 < run.result.metrics["cpu_cores"] <= os.cpu_count()
-    assert all(
-        torch.isfinite(torch.tensor(v)) for k, v in run.result.metrics.items() if "loss" in k
-    )
-
-    with pytest.raises(RunExistsError, match="--resume"):
-        run_training(cfg, str(tiny_shards / "train"), storage_path=storage, name="once")
-
-    # --resume with a longer schedule continues after epoch 0 instead of starting over.
-    longer = tiny_config("train.epochs=2")
-    resumed = run_training(
-        longer, str(tiny_shards / "train"), storage_path=storage, name="once", resume=True
-    )
-    assert resumed.result.metrics["epoch"] == 1
-    assert resumed.result.metrics["resumed_from"] == 0
-    local = resumed.local_checkpoint(tmp_path / "dl2")
-    assert load_training_checkpoint(local.parent)["epoch"] == 1
-
-
 def _train_worker_pids() -> list[int]:
     """Pids of this Ray instance's live Ray Train worker processes (children of our raylet)."""
     import psutil
@@ -159,11 +121,15 @@ def _registered_checkpoint(run_dir: str) -> str | None:
     return (state.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
 
 
-def test_killed_worker_restarts_from_last_checkpoint(tiny_config, tiny_shards, s3_server):
-    """A worker process killed mid-run; the restarted group resumes from the last checkpoint
-    on S3 (the stand-in), as on a cluster."""
-    epochs = 5
-    cfg = tiny_config(f"train.epochs={epochs}", "train.max_failures=2")
+KILLED_EPOCHS = 5
+
+
+@pytest.fixture(scope="module")
+def killed_run(tiny_config, tiny_shards, s3_server):
+    """One run on S3 storage (the stand-in), as on a cluster, whose worker process is killed
+    mid-run; the restarted group resumes from the last checkpoint. Its checkpoints then serve
+    the checkpoint, refusal and resume test (one Ray Train run fewer in the suite)."""
+    cfg = tiny_config(f"train.epochs={KILLED_EPOCHS}", "train.max_failures=2")
     storage = f"s3://{s3_server.bucket}/train-test"
     outcome: dict = {}
 
@@ -172,7 +138,7 @@ def test_killed_worker_restarts_from_last_checkpoint(tiny_config, tiny_shards, s
             outcome["run"] = run_training(
                 cfg, str(tiny_shards / "train"), storage_path=storage, name="killed"
             )
-        except BaseException as e:  # surfaced by the assertion below
+        except BaseException as e:  # surfaced by the assertions
             outcome["error"] = e
 
     thread = threading.Thread(target=train)
@@ -181,20 +147,68 @@ def test_killed_worker_restarts_from_last_checkpoint(tiny_config, tiny_shards, s
     deadline = time.time() + 300
     while not _registered_checkpoint(run_dir) and thread.is_alive() and time.time() < deadline:
         time.sleep(0.1)
-    assert _registered_checkpoint(run_dir), outcome.get("error")
+    registered = _registered_checkpoint(run_dir)
     pids = _train_worker_pids()
-    assert len(pids) == 1
-    last = f"train-test/killed/checkpoint_epoch_{epochs - 1:04d}/{CHECKPOINT_FILE}"
-    assert last not in s3_server.keys("train-test/killed/"), (
-        "the run finished before the kill; the test needs more epochs"
-    )
-    os.kill(pids[0], signal.SIGKILL)  # the real worker process, mid-run
+    last = f"train-test/killed/checkpoint_epoch_{KILLED_EPOCHS - 1:04d}/{CHECKPOINT_FILE}"
+    finished_early = last in s3_server.keys("train-test/killed/")
+    if registered and len(pids) == 1 and not finished_early:
+        os.kill(pids[0], signal.SIGKILL)  # the real worker process, mid-run
     thread.join(timeout=600)
-    assert "error" not in outcome, outcome.get("error")
-    metrics = outcome["run"].result.metrics
-    assert metrics["epoch"] == epochs - 1  # completed the configured epochs
+    return SimpleNamespace(
+        cfg=cfg, storage=storage, outcome=outcome, registered=registered, pids=pids,
+        finished_early=finished_early,
+    )
+
+
+def test_killed_worker_restarts_from_last_checkpoint(killed_run):
+    """A worker process killed mid-run; the restarted group resumes from the last checkpoint
+    on S3 (the stand-in), as on a cluster."""
+    assert killed_run.registered, killed_run.outcome.get("error")
+    assert len(killed_run.pids) == 1
+    assert not killed_run.finished_early, "the run finished before the kill; it needs more epochs"
+    assert "error" not in killed_run.outcome, killed_run.outcome.get("error")
+    metrics = killed_run.outcome["run"].result.metrics
+    assert metrics["epoch"] == KILLED_EPOCHS - 1  # completed the configured epochs
     assert metrics["resumed_from"] >= 0  # the restarted worker group loaded a checkpoint
-    assert _train_worker_pids() == [] or pids[0] not in _train_worker_pids()
+    assert _train_worker_pids() == [] or killed_run.pids[0] not in _train_worker_pids()
+
+
+def test_checkpoints_load_and_existing_run_needs_resume(killed_run, tiny_config, tiny_shards,
+                                                        tmp_path):
+    """On S3 storage, as on a cluster: the checkpoint's URI, the refusal to reuse a run name
+    and `resume` all go through the bucket (on the killed run's checkpoints)."""
+    assert "run" in killed_run.outcome, killed_run.outcome.get("error")
+    run, storage, cfg = killed_run.outcome["run"], killed_run.storage, killed_run.cfg
+    last = KILLED_EPOCHS - 1
+    assert run.checkpoint_path == f"{storage}/killed/checkpoint_epoch_{last:04d}"
+    local = run.local_checkpoint(tmp_path / "dl")
+    assert local == tmp_path / "dl" / CHECKPOINT_FILE
+    state = load_training_checkpoint(local.parent)  # weights_only=True inside
+    assert state["epoch"] == last
+    assert set(state) >= {"model", "optimizer", "scheduler", "epoch", "config"}
+    model, loaded_cfg = load_checkpoint(local)
+    assert loaded_cfg.model.fpn_channels == 32
+    assert run.result.metrics["steps"] == 6  # 12 train images / batch 2 / 1 worker
+    assert run.result.metrics["torch_threads"] == cfg.train.cpus_per_worker == 1
+    assert 0 <= run.result.metrics["data_wait_s"] <= run.result.metrics["epoch_time_s"]
+    # the worker computed (its CPU time is real), and no process outruns the machine
+    assert 0.1 < run.result.metrics["cpu_cores"] <= os.cpu_count()
+    assert all(
+        torch.isfinite(torch.tensor(v)) for k, v in run.result.metrics.items() if "loss" in k
+    )
+
+    with pytest.raises(RunExistsError, match="--resume"):
+        run_training(cfg, str(tiny_shards / "train"), storage_path=storage, name="killed")
+
+    # --resume with a longer schedule continues after the last epoch instead of starting over.
+    longer = tiny_config(f"train.epochs={KILLED_EPOCHS + 1}")
+    resumed = run_training(
+        longer, str(tiny_shards / "train"), storage_path=storage, name="killed", resume=True
+    )
+    assert resumed.result.metrics["epoch"] == last + 1
+    assert resumed.result.metrics["resumed_from"] == last
+    local = resumed.local_checkpoint(tmp_path / "dl2")
+    assert load_training_checkpoint(local.parent)["epoch"] == last + 1
 
 
 def test_storage_probe_fails_fast_on_unshared_path(ray_session, tmp_path):
