@@ -19,7 +19,9 @@ Measurements with the checkpoint's own weights:
 3. Mask quality at any score: for each ground-truth object the best mask IoU of any final
    prediction (can the model's output match it at all?), and the predictions that match no
    object at IoU 0.5.
-4. With excavating: how training's mask loss (Eq. 7, over all N_all descriptors) divides
+4. With excavating: the objects found only with the mined descriptors (matched at mask IoU
+   0.5 by a prediction with score >= 0.3 with them, not without), and those lost with them.
+5. With excavating: how training's mask loss (Eq. 7, over all N_all descriptors) divides
    between original and mined descriptors, on the first training batches (train split).
 
 `--data` defaults to the generated crowded scenes of the checkpoint's config (prepared under
@@ -240,6 +242,27 @@ def mask_quality(model: PEP, shards: str, data_cfg) -> str:
     )
 
 
+def found_with_mining(model: PEP, batches, min_score: float = 0.3, iou: float = 0.5) -> dict:
+    """Objects a prediction (score >= `min_score`) matches at mask IoU >= `iou`, with the
+    mined descriptors and without them (excavating taken out at inference), on `batches` of
+    one image each: which objects mining alone finds, and which it loses."""
+    counts = Counter()
+    for images, targets in batches:
+        found = {}
+        for excavate in (True, False):
+            with switched(model, excavate=excavate), torch.no_grad():
+                (out,) = model(images)
+            keep = out["scores"] >= min_score
+            objects, _ = best_ious(out["masks"][keep], targets[0]["masks"])
+            found[excavate] = objects >= iou
+        counts["objects"] += len(found[True])
+        counts["with"] += int(found[True].sum())
+        counts["without"] += int(found[False].sum())
+        counts["only_with"] += int((found[True] & ~found[False]).sum())
+        counts["only_without"] += int((~found[True] & found[False]).sum())
+    return dict(counts)
+
+
 def mask_loss_split(model: PEP, batches) -> dict[str, float]:
     """Training's mask loss (Eq. 7 per descriptor, `model.mask_loss`) over `batches` of
     (images, targets), split into original and mined descriptors: how many of each and
@@ -315,6 +338,14 @@ def main(args: argparse.Namespace) -> None:
         print()
         print(purifying_report(model, splits.val_shards, cfg.data))
     if model.excavating is not None:
+        found = found_with_mining(model, reader.local_batches(splits.val_shards, cfg.data, 1))
+        print()
+        print(
+            f"objects matched at mask IoU >= 0.5 by a prediction with score >= 0.3, of "
+            f"{found.get('objects', 0)}: {found.get('with', 0)} with the mined descriptors, "
+            f"{found.get('without', 0)} without; found only with them "
+            f"{found.get('only_with', 0)}, lost with them {found.get('only_without', 0)}"
+        )
         batches = itertools.islice(reader.local_batches(splits.train_shards, cfg.data, 4), 10)
         split = mask_loss_split(model, batches)
         total = split["original"] + split["mined"]

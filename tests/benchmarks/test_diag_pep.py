@@ -115,3 +115,27 @@ def test_mask_loss_split_adds_up_to_the_models_own_mask_loss(
     assert model.config.mask_loss_norm == "originals"  # Eq. 7's sum over N_ori
     assert mean * total / split["original"] == pytest.approx(float(own), rel=1e-5)
     assert model.config.mined_mask_trains_feature is trains_feature  # restored
+
+
+def test_objects_found_only_with_the_mined_descriptors_are_counted(diag):
+    """A stand-in model whose predictions depend on whether excavating is in: with it, it
+    finds objects 0 and 1 (1 only at a low score); without it, objects 0 and 2."""
+    masks = torch.zeros(3, 16, 16, dtype=torch.bool)
+    masks[0, :4, :4] = masks[1, 8:, 8:] = masks[2, :4, 10:] = True
+
+    class StandIn:
+        excavating, purifying = object(), None
+
+        def __call__(self, images):
+            if self.excavating is not None:
+                found, scores = masks[[0, 1]], torch.tensor([0.9, 0.6])
+            else:
+                found, scores = masks[[0, 2]], torch.tensor([0.8, 0.5])
+            return [{"masks": found, "scores": scores}]
+
+    model = StandIn()
+    batches = [([torch.zeros(3, 16, 16)], [{"masks": masks}])] * 2
+    found = diag.found_with_mining(model, batches)
+    assert found == {"objects": 6, "with": 4, "without": 4, "only_with": 2, "only_without": 2}
+    assert diag.found_with_mining(model, batches, min_score=0.7)["only_with"] == 0
+    assert model.excavating is not None  # restored
