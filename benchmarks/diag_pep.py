@@ -277,10 +277,7 @@ def mask_loss_split(model: PEP, batches) -> dict[str, float]:
 
     def count_mined(*args):
         out = mine(*args)
-        # an image's first mine() gives its mined descriptors; a second one, before its mask
-        # losses, scores wrong keys for the classifier only (`model.mined_negatives`)
-        if len(mined) == len(per_image):
-            mined.append(out[0].shape[0])
+        mined.append(out[0].shape[0])
         return out
 
     original, mined_losses = [], []

@@ -48,8 +48,6 @@ def build_model(config: ModelConfig) -> PEP:
             f"model.max_train_heat_maps must be 0 (all original descriptors) or a positive "
             f"count, got {config.max_train_heat_maps}"
         )
-    if config.mined_negatives < 0:
-        raise ValueError(f"model.mined_negatives must be >= 0, got {config.mined_negatives}")
     if config.purify_merge not in PURIFY_MERGES:
         raise ValueError(
             f"model.purify_merge must be one of {PURIFY_MERGES}, got {config.purify_merge!r}"

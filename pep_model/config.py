@@ -79,10 +79,6 @@ class ModelConfig:
     # Eq. 3's heat maps in training for at most this many of an image's original descriptors
     # (a random subset; 0 = all of them): each map covers the whole image.
     max_train_heat_maps: int = 0
-    # Per image, at most this many peaks of those heat maps that fall on no neighbour's centre
-    # region train the mined classifier as background (0: it sees positives only). At
-    # inference a mined score is heat x class probability, so it can then reject wrong keys.
-    mined_negatives: int = 0
     neighbour_expand: float = 0.5  # enlarge the original box by this fraction to find neighbours
     # Inference.
     score_threshold: float = 0.1  # final filter on the instances' scores

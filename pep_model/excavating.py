@@ -109,26 +109,6 @@ def sample_training_keys(
     return orig, target, cell[starts[target] + pick]
 
 
-def hard_negative_keys(heat: Tensor, targets: Tensor, max_keys: int) -> tuple[Tensor, Tensor]:
-    """Wrong keys: each heat map's peak where its target is 0 (on no neighbour's centre),
-    what inference would mine by mistake; the `max_keys` highest of them.
-
-    Args:
-        heat: N x h x w heat-map logits; targets: N x h x w G_E in {0, 1}.
-    Returns:
-        (map index K, cell index K into the flattened map).
-    """
-    empty = torch.zeros(0, dtype=torch.int64, device=heat.device)
-    if heat.shape[0] == 0 or max_keys <= 0:
-        return empty, empty
-    flat = heat.detach().flatten(1)
-    peak, cells = flat.max(dim=1)  # N, N
-    wrong = (targets.flatten(1).gather(1, cells[:, None])[:, 0] < 0.5).nonzero().squeeze(1)
-    if wrong.numel() > max_keys:
-        wrong = wrong[peak[wrong].topk(max_keys).indices]
-    return wrong, cells[wrong]
-
-
 def find_key_pixels(
     heat: Tensor, threshold: float, topk: int, valid_hw: tuple[int, int]
 ) -> tuple[Tensor, Tensor, Tensor]:

@@ -21,7 +21,6 @@ from pep_model.excavating import (
     ObjectExcavating,
     excavate_targets,
     find_key_pixels,
-    hard_negative_keys,
     heat_loss,
     neighbour_matrix,
     sample_training_keys,
@@ -413,9 +412,10 @@ class PEP(nn.Module):
                     descriptors[mapped], locations[mapped], loc_strides[mapped],
                     excavate_feature[b], ms,
                 )  # N_heat x h x w
-                heat_target = excavate_targets(instance_ids[mapped], neighbours, centre_maps)
                 heat_preds.append(heat.flatten())
-                heat_gts.append(heat_target.flatten())
+                heat_gts.append(
+                    excavate_targets(instance_ids[mapped], neighbours, centre_maps).flatten()
+                )
                 orig, target_ids, cells = sample_training_keys(
                     instance_ids, neighbours, centre_maps, cfg.max_train_mined, generator
                 )
@@ -427,19 +427,6 @@ class PEP(nn.Module):
                 )
                 mined_preds.append(mined_logits)
                 mined_gts.append(labels[target_ids])
-                if cfg.mined_negatives > 0:  # wrong peaks, as background (class 0)
-                    neg_maps, neg_cells = hard_negative_keys(
-                        heat, heat_target, cfg.mined_negatives
-                    )
-                    neg = mapped[neg_maps]
-                    neg_keys = key_grid[neg_cells]
-                    neg_local = desc_flat[b, cells_at(neg_keys, loc_strides[neg], level_shapes,
-                                                      strides)]
-                    _, neg_logits = self.excavating.mine(
-                        descriptors[neg], locations[neg], loc_strides[neg], neg_keys, neg_local
-                    )
-                    mined_preds.append(neg_logits)
-                    mined_gts.append(torch.zeros_like(neg))
                 descriptors = torch.cat([descriptors, mined])  # N_all x D
                 locations = torch.cat([locations, key_positions])
                 loc_strides = torch.cat([loc_strides, loc_strides[orig]])

@@ -8,7 +8,6 @@ from conftest import make_target
 from pep_model.excavating import (
     excavate_targets,
     find_key_pixels,
-    hard_negative_keys,
     neighbour_matrix,
     sample_training_keys,
 )
@@ -130,22 +129,6 @@ def test_training_key_pixels_fall_in_the_neighbours_centre_regions():
     assert centres.flatten(1)[targets, cells].all()
     orig, _, _ = sample_training_keys(instance_ids, neighbours, centres, max_mined=2)
     assert len(orig) == 2
-
-
-def test_hard_negative_keys_are_the_peaks_off_every_neighbours_centre():
-    heat = torch.full((4, 8, 8), -5.0)
-    targets = torch.zeros(4, 8, 8)
-    targets[0, 2, 2] = targets[1, 5, 5] = 1
-    heat[0, 2, 2] = 3.0  # peak on its target: a right key, no negative
-    heat[1, 0, 7] = 2.0  # peak off its target (5, 5): a negative at cell 7
-    heat[2, 6, 1] = 1.0  # no target at all: its peak is a negative
-    heat[3, 4, 4] = -1.0  # the lowest wrong peak
-    maps, cells = hard_negative_keys(heat, targets, max_keys=10)
-    assert maps.tolist() == [1, 2, 3] and cells.tolist() == [7, 6 * 8 + 1, 4 * 8 + 4]
-    maps, cells = hard_negative_keys(heat, targets, max_keys=2)  # the highest wrong peaks
-    assert sorted(maps.tolist()) == [1, 2]
-    assert hard_negative_keys(heat, targets, max_keys=0)[0].numel() == 0
-    assert hard_negative_keys(heat[:0], targets[:0], max_keys=3)[0].numel() == 0
 
 
 def test_inference_key_pixels_are_thresholded_local_maxima():
