@@ -20,7 +20,7 @@ Measurements with the checkpoint's own weights:
    prediction (can the model's output match it at all?), and the predictions that match no
    object at IoU 0.5.
 4. With excavating: the objects found only with the mined descriptors (matched at mask IoU
-   0.5 by a prediction with score >= 0.3 with them, not without), and those lost with them.
+   0.5 by a prediction scoring >= 0.05 / 0.1 / 0.3 with them, not without), and those lost.
 5. With excavating: how training's mask loss (Eq. 7, over all N_all descriptors) divides
    between original and mined descriptors, on the first training batches (train split).
 
@@ -242,25 +242,31 @@ def mask_quality(model: PEP, shards: str, data_cfg) -> str:
     )
 
 
-def found_with_mining(model: PEP, batches, min_score: float = 0.3, iou: float = 0.5) -> dict:
-    """Objects a prediction (score >= `min_score`) matches at mask IoU >= `iou`, with the
-    mined descriptors and without them (excavating taken out at inference), on `batches` of
-    one image each: which objects mining alone finds, and which it loses."""
-    counts = Counter()
+def found_with_mining(
+    model: PEP, batches, min_scores: tuple[float, ...] = (0.05, 0.1, 0.3), iou: float = 0.5
+) -> dict[float, dict[str, int]]:
+    """Per score bar in `min_scores`: the objects a prediction scoring at least that matches at
+    mask IoU >= `iou`, with the mined descriptors and without them (excavating taken out at
+    inference), on `batches` of one image each: which objects mining alone finds, and which
+    it loses. One inference pass each way per image serves every bar."""
+    counts = {bar: Counter() for bar in min_scores}
     for images, targets in batches:
-        found = {}
+        outputs = {}
         for excavate in (True, False):
             with switched(model, excavate=excavate), torch.no_grad():
-                (out,) = model(images)
-            keep = out["scores"] >= min_score
-            objects, _ = best_ious(out["masks"][keep], targets[0]["masks"])
-            found[excavate] = objects >= iou
-        counts["objects"] += len(found[True])
-        counts["with"] += int(found[True].sum())
-        counts["without"] += int(found[False].sum())
-        counts["only_with"] += int((found[True] & ~found[False]).sum())
-        counts["only_without"] += int((~found[True] & found[False]).sum())
-    return dict(counts)
+                (outputs[excavate],) = model(images)
+        for bar, count in counts.items():
+            found = {}
+            for excavate, out in outputs.items():
+                keep = out["scores"] >= bar
+                objects, _ = best_ious(out["masks"][keep], targets[0]["masks"])
+                found[excavate] = objects >= iou
+            count["objects"] += len(found[True])
+            count["with"] += int(found[True].sum())
+            count["without"] += int(found[False].sum())
+            count["only_with"] += int((found[True] & ~found[False]).sum())
+            count["only_without"] += int((~found[True] & found[False]).sum())
+    return {bar: dict(count) for bar, count in counts.items()}
 
 
 def mask_loss_split(model: PEP, batches) -> dict[str, float]:
@@ -337,12 +343,12 @@ def main(args: argparse.Namespace) -> None:
     if model.excavating is not None:
         found = found_with_mining(model, reader.local_batches(splits.val_shards, cfg.data, 1))
         print()
-        print(
-            f"objects matched at mask IoU >= 0.5 by a prediction with score >= 0.3, of "
-            f"{found.get('objects', 0)}: {found.get('with', 0)} with the mined descriptors, "
-            f"{found.get('without', 0)} without; found only with them "
-            f"{found.get('only_with', 0)}, lost with them {found.get('only_without', 0)}"
-        )
+        print("objects matched at mask IoU >= 0.5, with and without the mined descriptors:")
+        print("| score >= | objects | with | without | only with | only without |")
+        print("|---|---|---|---|---|---|")
+        for bar, n in found.items():
+            print(f"| {bar:g} | {n.get('objects', 0)} | {n.get('with', 0)} | "
+                  f"{n.get('without', 0)} | {n.get('only_with', 0)} | {n.get('only_without', 0)} |")
         batches = itertools.islice(reader.local_batches(splits.train_shards, cfg.data, 4), 10)
         split = mask_loss_split(model, batches)
         total = split["original"] + split["mined"]

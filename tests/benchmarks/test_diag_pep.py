@@ -132,7 +132,12 @@ def test_objects_found_only_with_the_mined_descriptors_are_counted(diag):
 
     model = StandIn()
     batches = [([torch.zeros(3, 16, 16)], [{"masks": masks}])] * 2
-    found = diag.found_with_mining(model, batches)
-    assert found == {"objects": 6, "with": 4, "without": 4, "only_with": 2, "only_without": 2}
-    assert diag.found_with_mining(model, batches, min_score=0.7)["only_with"] == 0
+    found = diag.found_with_mining(model, batches, min_scores=(0.3, 0.55, 0.7))
+    assert found[0.3] == {
+        "objects": 6, "with": 4, "without": 4, "only_with": 2, "only_without": 2
+    }
+    assert found[0.55] == {  # object 2's 0.5 is under the bar
+        "objects": 6, "with": 4, "without": 2, "only_with": 2, "only_without": 0
+    }
+    assert found[0.7]["only_with"] == 0 and found[0.7]["with"] == found[0.7]["without"] == 2
     assert model.excavating is not None  # restored
