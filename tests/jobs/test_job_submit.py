@@ -87,7 +87,7 @@ def _run_job(address: str, env: dict[str, str], job_id: str, entrypoint: list[st
     (one process; polling `ray job status` started a Ray CLI every few seconds beside the
     job on the 2 cores).
 
-    Returns (submit output, final status text, job logs): the last two from the same output.
+    Returns (the command's output, which holds the job's logs; the final status text).
     """
     command = [RAY, "job", "submit", "--address", address, "--working-dir", str(ROOT),
                "--submission-id", job_id, "--"] + entrypoint  # fmt: skip
@@ -100,7 +100,7 @@ def _run_job(address: str, env: dict[str, str], job_id: str, entrypoint: list[st
     # its last line: "Job '<id>' succeeded" (or failed / stopped), coloured, after a log prefix
     final = re.findall(rf"Job '{re.escape(job_id)}' (?:succeeded|failed|stopped)", output)
     assert final, f"no final status line (exit {submit.returncode}):\n{output[-3000:]}"
-    return output, final[-1].lower(), output
+    return output, final[-1].lower()
 
 
 def test_job_submit_trains_on_s3_logs_to_the_server_then_promotes(
@@ -118,9 +118,9 @@ def test_job_submit_trains_on_s3_logs_to_the_server_then_promotes(
     ] + [
         item for s in tiny_overrides + ["train.epochs=1"] for item in ("--set", s)
     ]  # fmt: skip
-    submitted, status, logs = _run_job(address, env, job_id, entrypoint)
+    logs, status = _run_job(address, env, job_id, entrypoint)
     # The upload must stay small: data, shards, stores and the virtualenv are excluded.
-    upload = [line for line in submitted.splitlines() if "Uploading" in line]
+    upload = [line for line in logs.splitlines() if "Uploading" in line]
     assert "' succeeded" in status, status + logs[-4000:]
     assert "MLflow run:" in logs and "| segm |" in logs
     for line in upload:
@@ -154,7 +154,7 @@ def test_job_submit_trains_on_s3_logs_to_the_server_then_promotes(
     assert any(key.endswith("/MLmodel") for key in artifacts)
 
     # The registry step of the cluster workflow: the best run of the experiment -> @champion.
-    _, status, logs = _run_job(
+    logs, status = _run_job(
         address,
         env,
         f"{job_id}-promote",
