@@ -353,13 +353,7 @@ def run_ablation(
         max_parallel, quiet = init_ray(base, num_workers, validate, max_parallel, len(runs), quiet)
     else:
         quiet = False  # a Ray started elsewhere keeps its own logging
-    splits = experiment.resolve_data(data, base, work_dir)  # once, before any run
-    shards_root = storage.parent(splits.train_shards)
-    if storage.parent(splits.val_shards) != shards_root:
-        raise experiment.DataError(
-            f"{splits.train_shards} and {splits.val_shards}: train/ and val/ shards must share "
-            "one root to be passed to the runs"
-        )
+    splits, shards_root = _shared_data(data, base, work_dir)  # once, before any run
     base = config_from_dict(config_to_dict(base))  # a copy: the caller's config stays as it is
     base.model.num_classes = splits.categories.num_classes  # as every run will (from the data)
     gpu = resolve_use_gpu(base.train.use_gpu if use_gpu is None else use_gpu)
@@ -385,19 +379,7 @@ def run_ablation(
     parent_id = parent.info.run_id
     status = "FAILED"
     try:
-        mlflow.log_params(
-            {
-                "seeds": " ".join(map(str, seeds)),
-                "variants": " ".join(v.key for v in variants),
-                "max_parallel": max_parallel,
-                "num_workers": num_workers,
-                "use_gpu": gpu,
-                "data": str(shards_root),
-            }
-        )
-        with tempfile.TemporaryDirectory() as tmp:
-            save_config(base, Path(tmp) / "config.yaml")
-            mlflow.log_artifact(str(Path(tmp) / "config.yaml"))
+        _log_setup(base, seeds, variants, max_parallel, num_workers, gpu, shards_root)
         logger.info(
             "ablation %s: %d variants x %d seeds on %s, %d at a time",
             name,
@@ -420,20 +402,7 @@ def run_ablation(
             "overlays": overlays,
             "quiet": quiet,
         }
-        # Ray Train's placement-group cleaner finds "its" cluster through RAY_ADDRESS or, when
-        # unset, by scanning this machine for Ray instances: with several on one machine it
-        # may ask another cluster, miss its live controller and remove the run's placement
-        # group. Runs (and the actors they start) get the address of this cluster.
-        # The runs' drivers stay on this node, like train_pep's: local paths (work dir, SQLite
-        # store) mean the same to them as to this process; their training workers go anywhere.
-        context = ray.get_runtime_context()
-        options = {
-            "runtime_env": {"env_vars": {"RAY_ADDRESS": context.gcs_address}},
-            "scheduling_strategy": NodeAffinitySchedulingStrategy(
-                context.get_node_id(), soft=False
-            ),
-        }
-        outcomes = _run_all(runs, base, name, kwargs, max_parallel, options=options)
+        outcomes = _run_all(runs, base, name, kwargs, max_parallel, options=_run_options())
         _collect(outcomes, client, experiment_id, parent_id)
         result = AblationResult(
             name=name,
@@ -452,6 +421,62 @@ def run_ablation(
         raise
     finally:
         mlflow.end_run(status=status)
+
+
+def _shared_data(
+    data: str | None, base: Config, work_dir: Path
+) -> tuple[experiment.DataSplits, str]:
+    """The data every run trains on (prepared once), and the shards root passed to them."""
+    splits = experiment.resolve_data(data, base, work_dir)
+    shards_root = storage.parent(splits.train_shards)
+    if storage.parent(splits.val_shards) != shards_root:
+        raise experiment.DataError(
+            f"{splits.train_shards} and {splits.val_shards}: train/ and val/ shards must share "
+            "one root to be passed to the runs"
+        )
+    return splits, shards_root
+
+
+def _log_setup(
+    base: Config,
+    seeds: Sequence[int],
+    variants: Sequence[Variant],
+    max_parallel: int,
+    num_workers: int,
+    gpu: bool,
+    shards_root: str,
+) -> None:
+    """The parent run's params and the base config (as `config.yaml`)."""
+    mlflow.log_params(
+        {
+            "seeds": " ".join(map(str, seeds)),
+            "variants": " ".join(v.key for v in variants),
+            "max_parallel": max_parallel,
+            "num_workers": num_workers,
+            "use_gpu": gpu,
+            "data": str(shards_root),
+        }
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        save_config(base, Path(tmp) / "config.yaml")
+        mlflow.log_artifact(str(Path(tmp) / "config.yaml"))
+
+
+def _run_options() -> dict[str, Any]:
+    """Ray options of the runs' tasks.
+
+    Ray Train's placement-group cleaner finds "its" cluster through RAY_ADDRESS or, when
+    unset, by scanning this machine for Ray instances: with several on one machine it may ask
+    another cluster, miss its live controller and remove the run's placement group. Runs (and
+    the actors they start) get the address of this cluster. The runs' drivers stay on this
+    node, like train_pep's: local paths (work dir, SQLite store) mean the same to them as to
+    this process; their training workers go anywhere.
+    """
+    context = ray.get_runtime_context()
+    return {
+        "runtime_env": {"env_vars": {"RAY_ADDRESS": context.gcs_address}},
+        "scheduling_strategy": NodeAffinitySchedulingStrategy(context.get_node_id(), soft=False),
+    }
 
 
 def _run_all(

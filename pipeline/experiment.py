@@ -477,6 +477,39 @@ def _plot_training_curves(client: mlflow.MlflowClient, run_id: str, out_dir: Pat
     return paths
 
 
+def _run_tags(
+    splits: DataSplits, name: str, storage_path: str, parent_run_id: str | None
+) -> dict[str, str]:
+    """The MLflow tags that tie a run to its code, data and Ray Train run (and its parent)."""
+    tags = {
+        "git_commit": tracking.git_commit(),
+        "data_fingerprint": splits.fingerprint,
+        "data_source": splits.source,
+        "ray_run_name": name,
+        "storage_path": storage_path,
+    }
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
+    return tags
+
+
+def _evaluate(
+    cfg: Config, checkpoint: str, splits: DataSplits, gpu: bool, in_process_max_images: int
+) -> tuple[dict[str, Any], dict[float, dict[str, Any]]]:
+    """The final evaluation of a run's checkpoint on the val split (`evaluate_checkpoint`)."""
+    return inference.evaluate_checkpoint(
+        checkpoint,
+        splits.val_shards,
+        splits.val_annotations,
+        max_dets=cfg.eval.max_dets,
+        score_thresholds=cfg.eval.score_thresholds,
+        num_replicas=cfg.eval.num_replicas,
+        batch_size=cfg.eval.batch_size,
+        use_gpu=gpu,
+        in_process_max_images=in_process_max_images,
+    )
+
+
 def train_and_evaluate(
     cfg: Config,
     *,
@@ -528,16 +561,7 @@ def train_and_evaluate(
     name = name or time.strftime("pep-%Y%m%d-%H%M%S")
     tracking_uri = tracking.resolve_tracking_uri(tracking_uri, default_dir=work_dir)
     tracking.set_experiment(experiment_name, tracking_uri)
-
-    tags = {
-        "git_commit": tracking.git_commit(),
-        "data_fingerprint": splits.fingerprint,
-        "data_source": splits.source,
-        "ray_run_name": name,
-        "storage_path": storage_path,
-    }
-    if parent_run_id:
-        tags["mlflow.parentRunId"] = parent_run_id
+    tags = _run_tags(splits, name, storage_path, parent_run_id)
     with _mlflow_run(cfg, experiment_name, name, tags, resume) as run_id:
         validation = (
             validation_config(cfg, splits, gpu, (run_id, tracking_uri)) if validate else None
@@ -567,17 +591,7 @@ def train_and_evaluate(
         )
 
         eval_start = time.perf_counter()
-        metrics, per_threshold = inference.evaluate_checkpoint(
-            checkpoint,
-            splits.val_shards,
-            splits.val_annotations,
-            max_dets=cfg.eval.max_dets,
-            score_thresholds=cfg.eval.score_thresholds,
-            num_replicas=cfg.eval.num_replicas,
-            batch_size=cfg.eval.batch_size,
-            use_gpu=gpu,
-            in_process_max_images=eval_in_process_max_images,
-        )
+        metrics, per_threshold = _evaluate(cfg, checkpoint, splits, gpu, eval_in_process_max_images)
         eval_seconds = time.perf_counter() - eval_start
         if validation is not None and not validate_last:
             epoch = int(trained.result.metrics.get("epoch", cfg.train.epochs - 1))

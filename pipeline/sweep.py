@@ -396,6 +396,39 @@ def _make_tuner(spec: SweepSpec, restore: bool) -> ray.tune.Tuner:
     )
 
 
+def _resumed_spec(experiment_path: str, name: str, quiet: bool) -> SweepSpec:
+    """The saved settings of the sweep at `experiment_path` (SweepNotFoundError if none)."""
+    if not ray.tune.Tuner.can_restore(experiment_path):
+        raise SweepNotFoundError(
+            f"nothing to resume: {experiment_path} holds no Tune experiment (check --name "
+            "and --storage-path)"
+        )
+    spec = read_spec(experiment_path)
+    spec.quiet = quiet
+    logger.info("resuming sweep %s from %s (its saved settings)", name, experiment_path)
+    return spec
+
+
+def _start_parent(
+    client: mlflow.MlflowClient, experiment_id: str, spec: SweepSpec, experiment_path: str
+) -> None:
+    """A new sweep's MLflow parent run (its id goes into `spec`), then the spec is saved."""
+    parent = client.create_run(
+        experiment_id,
+        run_name=spec.name,
+        tags={
+            "sweep_name": spec.name,
+            "sweep_role": "parent",
+            "sweep_path": experiment_path,
+            "git_commit": tracking.git_commit(),
+            "data_source": spec.data_root,
+        },
+    )
+    spec.parent_run_id = parent.info.run_id
+    _log_parent_setup(client, spec)
+    write_spec(spec)
+
+
 def run_sweep(
     cfg: Config,
     *,
@@ -432,14 +465,7 @@ def run_sweep(
     experiment_path = f"{storage_path.rstrip('/')}/{name}"
 
     if resume:
-        if not ray.tune.Tuner.can_restore(experiment_path):
-            raise SweepNotFoundError(
-                f"nothing to resume: {experiment_path} holds no Tune experiment (check --name "
-                "and --storage-path)"
-            )
-        spec = read_spec(experiment_path)
-        spec.quiet = quiet
-        logger.info("resuming sweep %s from %s (its saved settings)", name, experiment_path)
+        spec = _resumed_spec(experiment_path, name, quiet)
     else:
         if run_directory_exists(storage_path, name):
             raise SweepExistsError(
@@ -482,20 +508,7 @@ def run_sweep(
             _find_parent_run(client, experiment_id, name) or ""
         )
     else:
-        parent = client.create_run(
-            experiment_id,
-            run_name=name,
-            tags={
-                "sweep_name": name,
-                "sweep_role": "parent",
-                "sweep_path": experiment_path,
-                "git_commit": tracking.git_commit(),
-                "data_source": spec.data_root,
-            },
-        )
-        spec.parent_run_id = parent.info.run_id
-        _log_parent_setup(client, spec)
-        write_spec(spec)
+        _start_parent(client, experiment_id, spec, experiment_path)
     logger.info(
         "sweep %s: %d trials, %d worker(s) each (gpu=%s), at most %d at once; MLflow parent %s",
         name,
