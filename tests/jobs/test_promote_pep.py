@@ -26,11 +26,14 @@ import promote_pep  # noqa: E402
 
 FP_VAL = "a" * 64  # data_fingerprint of the evaluation set most runs used
 FP_OTHER = "b" * 64
+# The store's experiment: its own name, since the session's MLflow server also holds the runs
+# other modules log to `pep` (their APs would enter an experiment-wide pick).
+EXPERIMENT = "pep-promote-tests"
 
 
 @pytest.fixture(scope="module")
 def store(mlflow_server, tmp_path_factory, tiny_config):
-    """A store with runs in experiment `pep` (A, parent P with children B and C) and `other`.
+    """A store with runs in EXPERIMENT (A, parent P with children B and C) and `other`.
 
     A 0.40 (val set), B 0.30 and C 0.10 (children of P, val set), P: a parent with a metric
     but no model, F: a FAILED run with the best metric, D 0.50 on another evaluation set.
@@ -55,7 +58,7 @@ def store(mlflow_server, tmp_path_factory, tiny_config):
         return run.info.run_id
 
     runs: dict[str, str] = {}
-    tracking.set_experiment("pep", uri)
+    tracking.set_experiment(EXPERIMENT, uri)
     runs["A"] = make_run("A", 0.40, FP_VAL)
     with mlflow.start_run(run_name="P", tags={"data_fingerprint": FP_VAL}) as parent:
         mlflow.log_metric("segm/AP", 0.99)  # e.g. a sweep's summary; it has no model
@@ -154,7 +157,7 @@ def test_dry_run_changes_nothing(store, capsys, monkeypatch):
     assert (_versions(client, "dry"), _aliases(client, "dry")) == before
     assert client.get_model_version("dry", "1").tags == tags_before
     # nor is a registered model created for a first champion
-    assert _main("--experiment", "pep", "--model-name", "dry-new", "--tracking-uri", uri,
+    assert _main("--experiment", EXPERIMENT, "--model-name", "dry-new", "--tracking-uri", uri,
                  "--dry-run") == 0  # fmt: skip
     assert "FIRST_CHAMPION (dry run)" in capsys.readouterr().out
     assert not client.search_registered_models("name = 'dry-new'")
@@ -163,13 +166,15 @@ def test_dry_run_changes_nothing(store, capsys, monkeypatch):
 def test_best_run_of_an_experiment_or_of_a_parents_children(store):
     uri, runs, _ = store
     # P (no model) and F (FAILED) have higher AP but are not candidates
-    best = registry.promote(uri, experiment="pep", model_name="exp", dry_run=True)
+    best = registry.promote(uri, experiment=EXPERIMENT, model_name="exp", dry_run=True)
     assert best.candidate.run_id == runs["A"]
     children = registry.promote(
-        uri, experiment="pep", parent_run_id=runs["P"], model_name="exp", dry_run=True
+        uri, experiment=EXPERIMENT, parent_run_id=runs["P"], model_name="exp", dry_run=True
     )
     assert children.candidate.run_id == runs["B"]
-    lowest = registry.promote(uri, experiment="pep", metric="segm/AP", mode="min", dry_run=True)
+    lowest = registry.promote(
+        uri, experiment=EXPERIMENT, metric="segm/AP", mode="min", dry_run=True
+    )
     assert lowest.candidate.run_id == runs["C"]
 
 
