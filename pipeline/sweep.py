@@ -474,7 +474,6 @@ def run_sweep(
             )
         splits = experiment.data_splits(data, cfg, work_dir)
         gpu = resolve_use_gpu(cfg.train.use_gpu if use_gpu is None else use_gpu)
-        workers = workers_per_trial or cfg.train.num_workers
         ranges = {k: tuple(map(float, v)) for k, v in (ranges or {}).items()}
         for weight in LOSS_WEIGHTS:
             ranges.setdefault(weight, DEFAULT_WEIGHT_RANGE)
